@@ -1,0 +1,80 @@
+"""compile(): the whole pipeline, one pass per line."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.export import Dim, export
+
+from cocompile.passes.assign_states import assign_states
+from cocompile.passes.insert_delays import insert_delays
+from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
+
+from . import ops  # noqa: F401  (registers the op rules)
+from .capture import capture, check_example
+from .errors import CompileError
+from .model import ContinualModel
+from .step import StepProgram
+from .timeinfo import META
+
+
+def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int = 2,
+            step_frames: int | None = None, approximate: bool = False) -> ContinualModel:
+    """Compile an offline clip model into a continual model that reads frames as they arrive.
+
+    >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 64, 64), time_dim=2)
+    >>> torch.testing.assert_close(co.forward_steps(clip), model(clip))
+    """
+    check_example(example_input, time_dim)
+    time_dim %= example_input.dim()
+    T = example_input.shape[time_dim]
+    # capture: torch.export at the example clip length, eval mode, batch kept dynamic
+    cap = capture(model, example_input, time_dim)
+    inputs = {cap.input_name: time_dim}
+    # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
+    requirements = TimeAnalysis(cap.gm, inputs, T, approximate).run()
+    # rewrite: frame FIFOs line up joins and materialise explicit zero padding
+    insert_delays(cap.gm, requirements)
+    # check: after the delays the analysis is a fixpoint (nothing left to align)
+    an = TimeAnalysis(cap.gm, inputs, T, approximate)
+    assert not an.run(), "internal error: delays did not align every join"
+    # step size: the smallest step whose every op emits whole frames, or a multiple the user chose
+    c = _step_frames(cap.gm, step_frames, T)
+    # state: one named buffer per temporal window, delay and clip window, plus the frame counter
+    specs = assign_states(cap.gm, an)
+    # step program: the graph run per chunk by the step rules, traced into a plain ATen step graph
+    program = StepProgram(cap.gm, cap.consts, cap.input_name, specs, c, T)
+    step_fn = _trace(program, example_input, time_dim, cap.dynamic_batch)
+    out_infos = list(next(n for n in cap.gm.graph.nodes if n.op == "output").meta[META])
+    return ContinualModel(program, step_fn, cap.out_spec, out_infos, example_input, time_dim, approximate)
+
+
+def _step_frames(gm, wanted: int | None, clip_length: int) -> int:
+    base = default_step_frames(gm)
+    c = base if wanted is None else wanted
+    if c <= 0 or c % base:
+        raise CompileError(f"step_frames={wanted} is not a multiple of {base}, the lcm of the "
+                           "model's cumulative temporal strides, so some op would emit part of a frame",
+                           hint=f"use step_frames={base} or a multiple of it")
+    if clip_length % c:
+        raise CompileError(f"the clip length {clip_length} is not a multiple of step_frames={c}",
+                           hint=f"use a clip of {clip_length - clip_length % c or c} frames, or a "
+                                "step_frames that divides the clip length")
+    return c
+
+
+def _trace(program: StepProgram, example: torch.Tensor, time_dim: int, dynamic: bool):
+    """torch.export the step program (batch dynamic) and return its callable module."""
+    batch = 2 if dynamic else example.shape[0]
+    shape = list(example.shape)
+    shape[0], shape[time_dim] = batch, program.step_frames
+    args = (torch.zeros(shape, dtype=example.dtype),
+            *(torch.zeros((batch, *s.shape), dtype=s.dtype) for s in program.specs))
+    dyn = tuple({0: Dim("batch")} for _ in args) if dynamic else None
+    try:
+        with torch.no_grad():
+            return export(program, args, dynamic_shapes=dyn).module()
+    except Exception as err:  # noqa: BLE001 - the eager interpreter still computes the same step
+        warnings.warn(f"the step program could not be traced ({str(err).splitlines()[0]}); "
+                      "stepping runs the graph interpreter", stacklevel=3)
+        return program

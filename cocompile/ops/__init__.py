@@ -1,0 +1,6 @@
+"""Per-op rules (time-axis analysis and continual step form), registered by importing them."""
+from . import clip, delay, layout, linalg, pointwise, window  # noqa: F401  (registration)
+from .delay import delay_frames
+from .registry import RULES, OpRule, StateSpec, register_op, rule_for
+
+__all__ = ["OpRule", "StateSpec", "register_op", "rule_for", "RULES", "delay_frames"]

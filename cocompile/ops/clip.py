@@ -1,0 +1,176 @@
+"""Clip reductions: ops that consume the whole time axis (mean/sum/amax over time, pooling whose
+kernel is the clip, adaptive pooling to one frame, selecting a frame).
+
+Streaming form: the op keeps the last L frames of its input (L = the input's offline length) and
+runs unchanged on that window every step. After the flush the window holds exactly the offline
+frames, so the result equals the offline one (E1); without padding, it equals the model on the last
+T input frames (E2). Nothing is accumulated across steps, so nothing drifts (E3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import Refusal
+from ..timeinfo import CLIP, TimeInfo
+from .frames import cat_frames, frames_shape, last_frames, split_time, merge_time
+from .registry import OpRule, register_op
+
+aten = torch.ops.aten
+
+
+class ClipWindow:
+    """The sliding window over the last L frames of one input (shared by every clip reduction)."""
+
+    @staticmethod
+    def time(an, arg) -> TimeInfo:
+        x = an.info(arg)
+        if x.merged and not isinstance(x.outer, int):
+            raise Refusal("a reduction over time reads an axis that merges time with the batch",
+                          "keep the batch axis separate from time before reducing over time")
+        return TimeInfo(CLIP, ready=math.ceil((x.warmup + x.length) / x.rate),
+                        rf=int(x.rf + (x.length - 1) / x.rate), padded=x.padded, approx=x.approx)
+
+    @staticmethod
+    def states(arg, x: TimeInfo) -> dict:
+        return {"clip": (frames_shape(arg, x, x.length), arg.meta["val"].dtype,
+                         f"last {x.length} frames of the value reduced over the clip")}
+
+    @staticmethod
+    def step(ctx, node, arg, x, run):
+        info = ctx.info(arg)
+        xu, t = split_time(x, info, ctx.batch)
+        wu, _ = split_time(ctx.state(node, "clip"), info, ctx.batch)
+        window = merge_time(last_frames(cat_frames(wu, xu, t), t, info.length), info)
+        if ctx.mode == "step":
+            ctx.set_state(node, "clip", window)
+        return run(window)
+
+
+class Reduction(OpRule):
+    """An op over some axes; over time it is a clip reduction, otherwise frame-local."""
+
+    indices = False  # returns (values, indices)
+
+    def axes(self, node) -> list[int] | None:
+        """Axes the op reduces (None: all)."""
+        raise NotImplementedError
+
+    def keepdim(self, node) -> bool:
+        return False
+
+    def _over_time(self, node, x: TimeInfo) -> bool:
+        axes, ndim = self.axes(node), node.args[0].meta["val"].dim()
+        return axes is None or x.dim in [a % ndim for a in axes]
+
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        if self._over_time(node, x):
+            out = ClipWindow.time(an, node.args[0])
+        else:
+            ndim = node.args[0].meta["val"].dim()
+            gone = 0 if self.keepdim(node) else sum(a % ndim < x.dim for a in self.axes(node))
+            out = x.moved(x.dim - gone)
+        return (out, out) if self.indices else out
+
+    def states(self, node, an):
+        x = an.info(node.args[0])
+        return ClipWindow.states(node.args[0], x) if self._over_time(node, x) else {}
+
+    def step(self, node, args, kwargs, ctx):
+        if not self._over_time(node, ctx.info(node.args[0])):
+            return node.target(*args, **kwargs)
+        return ClipWindow.step(ctx, node, node.args[0], args[0],
+                               lambda w: node.target(w, *args[1:], **kwargs))
+
+
+def _reduction(axes_at, keep_at=None, indices=False, single=False):
+    """Rule class for a reduction whose axes are argument `axes_at` (an int if `single`)."""
+
+    class R(Reduction):
+        def axes(self, node):
+            a = node.args[axes_at] if len(node.args) > axes_at else node.kwargs.get("dim")
+            if a is None or a == []:
+                return None
+            return [a] if single else list(a)
+
+        def keepdim(self, node):
+            if keep_at is None:
+                return False
+            return bool(node.args[keep_at] if len(node.args) > keep_at else node.kwargs.get("keepdim", False))
+
+    R.indices = indices
+    return R
+
+
+register_op(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+            aten.logsumexp.default, aten.any.dims)(_reduction(1, 2))
+register_op(aten.var.correction, aten.std.correction)(_reduction(1, 3))
+register_op(aten.max.dim, aten.min.dim)(_reduction(1, 2, indices=True, single=True))
+register_op(aten.argmax.default, aten.argmin.default)(_reduction(1, 2, single=True))
+register_op(aten.prod.dim_int, aten.any.dim, aten.all.dim)(_reduction(1, 2, single=True))
+register_op(aten.mean.default, aten.sum.default, aten.max.default, aten.min.default)(_reduction(99))
+
+
+@register_op(aten.select.int)
+class Select(Reduction):
+    """Picking one frame out of the clip (`x[:, -1]`) reads the window; other axes are frame-local."""
+
+    def axes(self, node):
+        return [node.args[1]]
+
+    def step(self, node, args, kwargs, ctx):
+        if not self._over_time(node, ctx.info(node.args[0])):
+            return node.target(*args, **kwargs)
+        return ClipWindow.step(ctx, node, node.args[0], args[0],
+                               lambda w: aten.select.int(w, args[1], args[2]))
+
+
+@register_op(aten.index_select.default)
+class IndexSelect(Select):
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        return ClipWindow.time(an, node.args[0]) if self._over_time(node, x) else x
+
+    def step(self, node, args, kwargs, ctx):
+        if not self._over_time(node, ctx.info(node.args[0])):
+            return node.target(*args, **kwargs)
+        return ClipWindow.step(ctx, node, node.args[0], args[0],
+                               lambda w: node.target(w, *args[1:]))
+
+
+class AdaptivePool(OpRule):
+    """Adaptive pooling: to one frame along time it is a clip reduction; keeping every frame it is
+    frame-local; any other output length depends on the clip length and is refused."""
+
+    def _time_out(self, node, x):
+        sizes = list(node.args[1])
+        j = x.dim - (node.args[0].meta["val"].dim() - len(sizes))
+        return None if j < 0 else sizes[j]
+
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        n = self._time_out(node, x)
+        if n is None or (n == x.length and not x.merged):
+            out = an.aligned(node.args[0], max(x.warmup, 0))
+        elif n == 1:
+            out = ClipWindow.time(an, node.args[0])
+        else:
+            raise Refusal(f"adaptive pooling of {x.length} frames to {n} depends on the clip length",
+                          "pool to 1 frame (a clip reduction) or use a fixed kernel and stride")
+        return (out, None) if isinstance(node.meta["val"], (tuple, list)) else out
+
+    def states(self, node, an):
+        x = an.info(node.args[0])
+        return ClipWindow.states(node.args[0], x) if self._time_out(node, x) == 1 and x.length > 1 else {}
+
+    def step(self, node, args, kwargs, ctx):
+        x = ctx.info(node.args[0])
+        if self._time_out(node, x) == 1 and x.length > 1:
+            return ClipWindow.step(ctx, node, node.args[0], args[0], lambda w: node.target(w, *args[1:]))
+        return node.target(*args, **kwargs)
+
+
+register_op(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
+            aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)(AdaptivePool)

@@ -1,0 +1,81 @@
+"""Frame-level tensor helpers shared by the step forms: time axes merged with other axes, batch-
+dependent sizes, and the shapes of state tensors."""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ..errors import Refusal
+from ..timeinfo import TimeInfo
+
+
+def eval_size(expr, batch):
+    """Evaluate a size expression of the captured graph (an int, or sympy in the batch symbol) at
+    the step's batch size, which may itself be symbolic while the step is being exported."""
+    if isinstance(expr, int):
+        return expr
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Symbol:
+        return batch
+    if expr.is_Add:
+        return sum((eval_size(a, batch) for a in expr.args[1:]), eval_size(expr.args[0], batch))
+    if expr.is_Mul:
+        out = 1
+        for a in expr.args:
+            out = out * eval_size(a, batch)
+        return out
+    if type(expr).__name__ == "FloorDiv":
+        return eval_size(expr.args[0], batch) // eval_size(expr.args[1], batch)
+    raise NotImplementedError(f"size expression {expr}")
+
+
+def split_time(x: torch.Tensor, info: TimeInfo, batch) -> tuple[torch.Tensor, int]:
+    """View `x` with its frames on an axis of their own: (tensor, time axis)."""
+    d = info.dim
+    if not info.merged:
+        return x, d
+    outer = eval_size(info.outer, batch)
+    frames = x.shape[d] // (outer * info.inner)
+    return x.unflatten(d, (outer, frames, info.inner)), d + 1
+
+
+def merge_time(xu: torch.Tensor, info: TimeInfo) -> torch.Tensor:
+    """Inverse of split_time."""
+    return xu.flatten(info.dim, info.dim + 2) if info.merged else xu
+
+
+def cat_frames(buf: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.cat([buf, x], t) if buf.shape[t] else x
+
+
+def last_frames(x: torch.Tensor, t: int, n: int) -> torch.Tensor:
+    return x.narrow(t, x.shape[t] - n, n)
+
+
+def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple[int, ...]:
+    """Shape, without the batch dim, of `frames` frames of the value `node` (a state's shape)."""
+    shape = list(_shape(node))
+    if isinstance(info.outer, sympy.Expr) and not info.outer.is_Integer:
+        raise Refusal("time is merged with the batch axis here, so a per-stream state cannot be kept",
+                      "keep batch and time on separate axes around temporal ops")
+    shape[info.dim] = int(info.outer) * frames * info.inner
+    rest = shape[1:]
+    if any(not isinstance(s, int) for s in rest):
+        raise Refusal(f"a state would need a batch-dependent shape {shape}",
+                      "keep the batch on axis 0 and out of other axes")
+    return tuple(rest)
+
+
+def _shape(node):
+    val = node.meta["val"]
+    return [int(s.node.expr) if isinstance(s, torch.SymInt) and s.node.expr.is_Integer
+            else (s.node.expr if isinstance(s, torch.SymInt) else int(s)) for s in val.shape]
+
+
+def meta_shape(node, batch, time_frames: int | None = None, info: TimeInfo | None = None) -> list:
+    """Shape of `node`'s value at the step's batch size; with `info`, time axis set to `time_frames`."""
+    shape = [eval_size(s, batch) for s in _shape(node)]
+    if info is not None:
+        shape[info.dim] = eval_size(info.outer, batch) * time_frames * info.inner
+    return shape

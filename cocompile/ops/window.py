@@ -1,0 +1,370 @@
+"""Temporal window ops: convolution, avg/max pooling, zero padding and slicing along time.
+
+Streaming form of a window op with kernel extent e = dilation*(kernel-1)+1, stride s and left
+padding p, reading a stream whose offline frame 0 is streamed frame w (the input's warm-up):
+
+  * the op keeps S frames of its input and runs with no temporal padding on [state | chunk];
+  * S is the one value in [e-s, e-1] with S = p-w (mod s): a chunk of n frames (n a multiple
+    of s) then yields exactly n/s outputs, and window starts stay on the offline grid;
+  * the zero state stands for the start padding; the first (S-(p-w))/s outputs are warm-up.
+    S < 0 (windows with gaps, e < s) means the first -S frames of each chunk are skipped.
+  * at the end of the clip (flush) the op appends its own right padding and emits the offline
+    frames still missing.
+
+p-w > e-1 would ask for outputs made only of padding before the first frame arrives; the input
+is then delayed until p-w = e-1 (a delay's zero state materialises those padding frames).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import Refusal
+from ..timeinfo import TimeInfo
+from .clip import ClipWindow
+from .frames import cat_frames, frames_shape, last_frames
+from .registry import OpRule, register_op
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Window:
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    left: int = 0
+    right: int = 0
+
+    @property
+    def extent(self) -> int:
+        return self.dilation * (self.kernel - 1) + 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup_in: int      # warm-up the input must have (>= its own; a delay is inserted if more)
+    state: int          # S: input frames kept between steps (< 0: frames skipped per chunk)
+    warmup_out: int
+
+
+def plan(win: Window, warmup_in: int) -> Plan:
+    """Solve the streaming alignment of one window op (see module docstring)."""
+    p = win.left - warmup_in
+    if p > win.extent - 1:                       # pure-padding outputs: delay the input instead
+        warmup_in, p = win.left - (win.extent - 1), win.extent - 1
+    lo = win.extent - win.stride
+    state = lo + (p - lo) % win.stride          # S = p (mod s), S in [e-s, e-1]
+    return Plan(warmup_in, state, (state - p) // win.stride)
+
+
+class WindowRule(OpRule):
+    """Shared analysis and step form; subclasses say where time is and how to run the op."""
+
+    absorbs_zero_prefix = True
+
+    def window(self, node, d: int) -> Window | None:
+        """The op's window along axis d, or None when the op is frame-local along d."""
+        raise NotImplementedError
+
+    def run(self, node, args, buf: torch.Tensor, d: int | None):
+        """Run the op on `buf` with no temporal padding (d is None: run it as captured)."""
+        raise NotImplementedError
+
+    def pad_value(self, node) -> float:
+        """What the op's own padding holds."""
+        return 0.0
+
+    def exclude_pad(self, node) -> bool:
+        """Whether the op's divisor leaves padding out (average pooling)."""
+        return False
+
+    def covers_clip(self, node, x: TimeInfo, win: Window) -> bool:
+        """A window over the whole clip that yields one frame is a clip reduction."""
+        return (out_shape(node)[x.dim] == 1 and x.length > 1
+                and win.extent >= x.length + win.left + win.right)
+
+    # -- analysis ------------------------------------------------------------------------------
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        win = self._window(node, x)
+        if win is None:
+            return self._wrap(node, an.aligned(node.args[0], max(x.warmup, 0)))
+        if self.covers_clip(node, x, win):
+            return self._wrap(node, ClipWindow.time(an, node.args[0]))
+        p = plan(win, x.warmup)
+        x = an.aligned(node.args[0], p.warmup_in)
+        out = x.replace(length=out_shape(node)[x.dim], rate=x.rate / win.stride,
+                        warmup=p.warmup_out, rf=int(x.rf + (win.extent - 1) / x.rate),
+                        padded=x.padded or win.left > 0 or win.right > 0 or x.warmup < 0)
+        if out.flush_frames(an.clip_length) < 0:
+            raise Refusal("this op drops frames at the end of the clip, which needs to know where the "
+                          "clip ends (non-causal)", "do not crop frames off the end along time")
+        return self._wrap(node, out)
+
+    def _window(self, node, x: TimeInfo) -> Window | None:
+        win = self.window(node, x.dim)
+        if win is not None and x.merged:
+            raise Refusal("a temporal window op reads an axis that merges time with other axes",
+                          "keep time on an axis of its own for convolutions, pooling and slicing")
+        return win
+
+    def _wrap(self, node, info):
+        return (info, None) if _is_tuple(node) else info
+
+    def states(self, node, an):
+        x = an.info(node.args[0])
+        win = self._window(node, x)
+        if win is None:
+            return {}
+        if self.covers_clip(node, x, win):
+            return ClipWindow.states(node.args[0], x)
+        p = plan(win, x.warmup)
+        if p.state <= 0:
+            return {}
+        return {"window": (frames_shape(node.args[0], x, p.state), node.args[0].meta["val"].dtype,
+                           f"last {p.state} input frames of the temporal window")}
+
+    # -- step ----------------------------------------------------------------------------------
+    def step(self, node, args, kwargs, ctx):
+        x_info, out_info = ctx.info(node.args[0]), _main(ctx.info(node))
+        win = self._window(node, x_info)
+        if win is None:
+            return self.run(node, args, args[0], None)
+        if out_info.kind == "clip":
+            return ClipWindow.step(ctx, node, node.args[0], args[0],
+                                   lambda w: self.run(node, args, w, None))
+        d, p, x = x_info.dim, plan(win, x_info.warmup), args[0]
+        if p.state > 0:
+            buf = cat_frames(ctx.state(node, "window"), x, d)
+        else:                                   # windows with gaps: skip -S frames of each chunk
+            buf = x.narrow(d, min(-p.state, x.shape[d]), max(x.shape[d] + p.state, 0))
+        if ctx.mode == "step":
+            if p.state > 0:
+                ctx.set_state(node, "window", last_frames(buf, d, p.state))
+            return self._masked(node, args, buf, d, p, x_info, ctx, win)
+        # flush: append this op's own end padding, emit the offline frames still missing
+        missing = out_info.flush_frames(ctx.clip_length)
+        need = (max(missing, 1) - 1) * win.stride + win.extent
+        if buf.shape[d] < need:
+            shape = list(buf.shape)
+            shape[d] = need - buf.shape[d]
+            buf = torch.cat([buf, buf.new_full(shape, self.pad_value(node))], d)
+        out = self._masked(node, args, buf.narrow(d, 0, need), d, p, x_info, ctx, win)
+        if isinstance(out, tuple):
+            return (out[0].narrow(d, 0, missing),) + tuple(out[1:])
+        return out.narrow(d, 0, missing)
+
+    def _masked(self, node, args, buf, d, p, x_info, ctx, win):
+        """Run on `buf`, making sure the frames standing for the op's own padding hold what the
+        padding holds. The zero state already does, but the input's warm-up frames (streamed
+        before its offline frame 0) may stand there too, and max pooling pads with -inf: those
+        frames are located from the stream position (the frame counter) and overwritten."""
+        fill, exclude = self.pad_value(node), self.exclude_pad(node)
+        if not (exclude or (win.left > 0 and (fill != 0.0 or x_info.warmup > 0))):
+            return self.run(node, args, buf, d)
+        pad = padding_frames(ctx, x_info, -p.state, buf.shape[d])
+        view = [pad.shape[0]] + [1] * (buf.dim() - 1)
+        view[d] = buf.shape[d]
+        buf = torch.where(pad.view(view), torch.full_like(buf, fill), buf)
+        out = self.run(node, args, buf, d)
+        if exclude:                              # the step ran without time padding: k frames
+            real = (~pad).to(buf.dtype).unfold(1, win.kernel, win.stride).sum(-1)
+            view[d] = real.shape[1]
+            out = out * (win.kernel / real).view(view)
+        return out
+
+
+def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int) -> torch.Tensor:
+    """[batch, n] mask of the frames of a buffer that come before the value's offline frame 0 (or,
+    in the flush, after its last); the buffer starts `offset` frames after the chunk's first."""
+    first = ctx.frames * x_info.rate.p // x_info.rate.q + offset - x_info.warmup
+    pos = first[:, None] + torch.arange(n, device=first.device)[None, :]
+    return (pos < 0) | (pos >= x_info.length) if ctx.mode == "flush" else pos < 0
+
+
+def out_shape(node) -> list:
+    val = node.meta["val"]
+    val = val[0] if isinstance(val, (tuple, list)) else val
+    return [s for s in val.shape]
+
+
+def _main(info):
+    return info[0] if isinstance(info, tuple) else info
+
+
+def _is_tuple(node) -> bool:
+    return isinstance(node.meta.get("val"), (tuple, list))
+
+
+def _entry(values, j: int, default: int) -> int:
+    """Entry j of an int-list argument that torch broadcasts from one value."""
+    if not values:
+        return default
+    return int(values[j] if len(values) > 1 else values[0])
+
+
+def _with(values, j: int, v, n: int) -> list:
+    """Copy of an int-list argument (length 1 or n) with entry j set to v."""
+    vals = list(values) if len(values) > 1 else list(values) * n
+    vals[j] = v
+    return vals
+
+
+@register_op(aten.convolution.default)
+class Convolution(WindowRule):
+    """conv1d/2d/3d: time on a spatial axis is a window; time on the batch axis is frame-local."""
+
+    def window(self, node, d):
+        _, weight, _, stride, padding, dilation, transposed = node.args[:7]
+        if d == 0:
+            return None
+        if d == 1:
+            raise Refusal("convolution over an axis that holds time as channels mixes frames",
+                          "pass time_dim= the axis that is time, and keep it out of the channel axis")
+        if transposed:
+            raise Refusal("transposed convolution (upsampling) along time is not supported",
+                          "upsample along time with repeat_interleave of a per-frame value instead")
+        j, kernel = d - 2, int(weight.meta["val"].shape[d])
+        pad = _entry(padding, j, 0)
+        return Window(kernel, _entry(stride, j, 1), _entry(dilation, j, 1), pad, pad)
+
+    def covers_clip(self, node, x, win):
+        return False                             # a conv stays per-frame; see DESIGN §4
+
+    def run(self, node, args, buf, d):
+        args = list(args)
+        args[0] = buf
+        if d is not None:
+            args[4] = _with(args[4], d - 2, 0, buf.dim() - 2)
+        return aten.convolution.default(*args)
+
+
+class Pool(WindowRule):
+    """avg/max pooling: the last len(kernel) axes are pooled."""
+
+    names: tuple = ()
+    defaults: tuple = ()
+
+    def arg(self, node, name):
+        i = self.names.index(name)
+        if len(node.args) > i:
+            return node.args[i]
+        return node.kwargs.get(name, self.defaults[i])
+
+    def window(self, node, d):
+        kernel = list(self.arg(node, "kernel_size"))
+        j = d - (node.args[0].meta["val"].dim() - len(kernel))
+        if j < 0:
+            return None
+        stride = list(self.arg(node, "stride")) or kernel
+        dil = list(self.arg(node, "dilation")) if "dilation" in self.names else [1]
+        pad = _entry(self.arg(node, "padding"), j, 0)
+        win = Window(_entry(kernel, j, 1), _entry(stride, j, 1), _entry(dil, j, 1), pad, pad)
+        if self.arg(node, "ceil_mode") and win.kernel * win.stride > 1:
+            raise Refusal("ceil_mode pooling along time depends on where the clip ends",
+                          "use ceil_mode=False, or pad the clip explicitly")
+        return win
+
+    def run(self, node, args, buf, d):
+        values = [self.arg(node, n) for n in self.names]
+        values[0] = buf
+        if d is not None:
+            nk = len(values[1])
+            values[3] = _with(values[3], d - (buf.dim() - nk), 0, nk)
+        return node.target(*values)
+
+
+@register_op(aten.avg_pool2d.default, aten.avg_pool3d.default)
+class AvgPool(Pool):
+    names = ("self", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override")
+    defaults = (None, None, [], [0], False, True, None)
+
+    def exclude_pad(self, node):
+        return not self.arg(node, "count_include_pad") and self.arg(node, "divisor_override") is None
+
+
+@register_op(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
+class MaxPool(Pool):
+    names = ("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    defaults = (None, None, [], [0], [1], False)
+
+    def pad_value(self, node):
+        return float("-inf")
+
+
+@register_op(aten.constant_pad_nd.default)
+class ConstantPad(OpRule):
+    """Zero padding along time only shifts the stream: the left pad becomes negative warm-up (zeros
+    that the consumer's zero state absorbs), the right pad is emitted at the flush."""
+
+    absorbs_zero_prefix = True
+
+    @staticmethod
+    def _time_pad(pads, ndim, d):
+        j = ndim - 1 - d                  # pads list the last axis first
+        return (pads[2 * j], pads[2 * j + 1]) if 2 * j + 1 < len(pads) else (0, 0)
+
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        left, right = self._time_pad(list(node.args[1]), node.args[0].meta["val"].dim(), x.dim)
+        if (left, right) == (0, 0):
+            return an.aligned(node.args[0], max(x.warmup, 0))
+        value = node.args[2] if len(node.args) > 2 else 0.0
+        if x.merged or value != 0:
+            raise Refusal("padding along time with a non-zero value (or along a merged axis)",
+                          "pad time with zeros, e.g. F.pad(x, (...), value=0)")
+        out = x.replace(length=x.length + left + right, warmup=x.warmup - left,
+                        padded=x.padded or left > 0 or right > 0)
+        if out.flush_frames(an.clip_length) < 0:
+            raise Refusal("cropping frames off the end along time is non-causal",
+                          "do not crop the end of the time axis")
+        return out
+
+    def step(self, node, args, kwargs, ctx):
+        x, d = args[0], ctx.info(node.args[0]).dim
+        pads = list(args[1])
+        j = x.dim() - 1 - d
+        if 2 * j + 1 < len(pads):
+            pads[2 * j] = pads[2 * j + 1] = 0
+        y = aten.constant_pad_nd.default(x, pads, *args[2:]) if any(pads) else x
+        x_info = ctx.info(node.args[0])
+        if x_info.warmup > 0 and ctx.info(node).warmup < x_info.warmup:
+            # the input's warm-up frames stand where this padding's zeros belong: zero them
+            pad = padding_frames(ctx, x_info, 0, y.shape[d])
+            view = [pad.shape[0]] + [1] * (y.dim() - 1)
+            view[d] = y.shape[d]
+            y = torch.where(pad.view(view), torch.zeros_like(y), y)
+        if ctx.mode == "flush":                  # the right padding, then what is still missing
+            missing = ctx.info(node).flush_frames(ctx.clip_length)
+            shape = list(y.shape)
+            shape[d] = max(missing - y.shape[d], 0)
+            y = torch.cat([y, y.new_zeros(shape)], d).narrow(d, 0, missing)
+        return y
+
+
+@register_op(aten.slice.Tensor)
+class Slice(WindowRule):
+    """Slicing along time: `x[:, a:]` shifts the stream, `x[:, a::s]` is a stride-s window of one
+    frame; slicing other axes is frame-local."""
+
+    def window(self, node, d):
+        x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+        ndim, size = x.meta["val"].dim(), int(x.meta["val"].shape[d]) if d is not None else 0
+        if dim % ndim != d:
+            return None
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else (end + size if end < 0 else end)
+        if start == 0 and step == 1 and end >= size:
+            return None
+        return Window(1, step, 1, -start, 0)
+
+    def covers_clip(self, node, x, win):
+        return False
+
+    def run(self, node, args, buf, d):
+        if d is None:
+            return aten.slice.Tensor(buf, *args[1:])
+        return aten.slice.Tensor(buf, d, 0, buf.shape[d], self.window(node, d).stride)

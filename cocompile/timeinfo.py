@@ -1,0 +1,100 @@
+"""The one record the temporal analysis attaches to every value: how it relates to input time."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import sympy
+
+META = "cocompile.time"        # node.meta key of a node's TimeInfo (a tuple of them for tuple outputs)
+STATE_META = "cocompile.state"  # node.meta key of the StateSpecs a stateful node keeps
+
+TIME, CLIP, STATIC = "time", "clip", "static"
+
+
+@dataclass(frozen=True)
+class TimeInfo:
+    """How one value relates to the time axis of the model input.
+
+    kind    "time": has frames along `dim`; "clip": derived from a reduction over time, one value per
+            step (a sliding window of the clip); "static": does not depend on the input's frames.
+    dim     axis that holds time. Time may be merged with other axes into it: the axis has
+            `outer * length * inner` entries, frame t occupying entries `o*length*inner + t*inner + i`.
+    length  frames of this value in the offline clip.
+    rate    frames of this value per input frame (1/cumulative temporal stride), exact.
+    warmup  streamed frames of this value that come before offline frame 0 (from the zero state).
+            Negative: the first -warmup offline frames are zeros that the stream never produces
+            (explicit zero padding); a consumer either absorbs them into its zero state or a
+            delay materialises them.
+    rf      receptive field in input frames.
+    ready   clip values: input frames that must have been streamed before the value is valid.
+    padded  depends on temporal zero padding (so sliding-window reuse is not exact, E2).
+    approx  depends on a causal approximation of a non-causal clip reduction.
+
+    >>> TimeInfo(TIME, dim=2, length=16).moved(3).dim
+    3
+    """
+
+    kind: str
+    dim: int | None = None
+    outer: object = 1
+    inner: int = 1
+    length: int = 0
+    rate: sympy.Rational = sympy.Integer(1)
+    warmup: int = 0
+    rf: int = 1
+    ready: int = 0
+    padded: bool = False
+    approx: bool = False
+
+    @property
+    def is_time(self) -> bool:
+        return self.kind == TIME
+
+    @property
+    def merged(self) -> bool:
+        return self.outer != 1 or self.inner != 1
+
+    def moved(self, dim: int) -> "TimeInfo":
+        return dataclasses.replace(self, dim=dim)
+
+    def replace(self, **changes) -> "TimeInfo":
+        return dataclasses.replace(self, **changes)
+
+    def frames_per_step(self, step_frames: int) -> int:
+        """Frames of this value produced by one step of `step_frames` input frames."""
+        n = self.rate * step_frames
+        assert n.is_integer, (self, step_frames)
+        return int(n)
+
+    def streamed(self, clip_frames: int) -> int:
+        """Frames of this value the stream has produced after `clip_frames` input frames."""
+        return int(self.rate * clip_frames)
+
+    def flush_frames(self, clip_length: int) -> int:
+        """Offline frames still missing after streaming a whole clip: what the flush must produce."""
+        return self.length - (self.streamed(clip_length) - self.warmup)
+
+    def lag(self) -> int:
+        """Input frames by which this value's offline frames trail the stream (per-frame values),
+        or input frames needed before it is valid (clip values)."""
+        if self.kind == CLIP:
+            return self.ready
+        return math.ceil(self.warmup / self.rate) if self.kind == TIME else 0
+
+
+STATIC_INFO = TimeInfo(STATIC)
+
+
+def static_like(*infos: TimeInfo) -> TimeInfo:
+    """Kind of a value computed from non-time inputs only: clip if any input is clip, else static."""
+    clips = [i for i in infos if i is not None and i.kind == CLIP]
+    if not clips:
+        return STATIC_INFO
+    return TimeInfo(CLIP, ready=max(c.ready for c in clips), rf=max(c.rf for c in clips),
+                    padded=any(c.padded for c in clips), approx=any(c.approx for c in clips))
+
+
+def is_static(info) -> bool:
+    return info is None or (isinstance(info, TimeInfo) and info.kind == STATIC)

@@ -1,0 +1,56 @@
+"""Analysis: the state tensors of the step graph, named after the user's modules.
+
+Invariant left behind: every stateful node has node.meta["cocompile.state"] = {key: StateSpec},
+names are unique and readable (`state.blocks.2.conv_a`, `state.head.pool.clip`,
+`state.blocks.3.delay`), and `assign_states` returns them in graph order after the frame counter.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from cocompile.errors import Refusal, error_at, module_path
+from cocompile.ops.delay import delay_frames
+from cocompile.ops.registry import StateSpec, rule_for
+from cocompile.timeinfo import META, STATE_META, TimeInfo
+
+FRAMES = StateSpec("state.frames", (), torch.int64,
+                   "input frames consumed so far by this stream (positions the start padding)")
+
+
+def _has_time_input(node) -> bool:
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(
+        isinstance(a.meta.get(META), TimeInfo) and a.meta[META].is_time))
+    return any(found)
+
+
+def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
+    """Collect and name the states of every node (`an` is the finished TimeAnalysis)."""
+    specs, used = [FRAMES], {FRAMES.name}
+    for node in gm.graph.nodes:
+        rule = rule_for(node.target) if node.op == "call_function" else None
+        if rule is None or not _has_time_input(node):
+            continue
+        an._rule, an._node = rule, node
+        try:
+            wanted = rule.states(node, an)
+        except Refusal as r:
+            raise error_at(node, r.reason, r.hint) from None
+        finally:
+            an._rule = None
+        base = module_path(node) or node.name.removesuffix("_delay")
+        if node.target is delay_frames:
+            base += ".delay"
+        named = {}
+        for key, (shape, dtype, doc) in wanted.items():
+            name = f"state.{base}" + ("" if key in ("window", "fifo") else f".{key}")
+            stem, i = name, 1
+            while name in used:
+                name, i = f"{stem}.{i}", i + 1
+            used.add(name)
+            named[key] = StateSpec(name, tuple(int(s) for s in shape), dtype, doc)
+            specs.append(named[key])
+        if named:
+            node.meta[STATE_META] = named
+    return specs
