@@ -63,6 +63,7 @@ class WindowRule(OpRule):
     """Shared analysis and step form; subclasses say where time is and how to run the op."""
 
     absorbs_zero_prefix = True
+    zero_preserving = False   # when frame-local: maps zero frames to zero frames
 
     def window(self, node, d: int) -> Window | None:
         """The op's window along axis d, or None when the op is frame-local along d."""
@@ -89,8 +90,9 @@ class WindowRule(OpRule):
     def time(self, node, an):
         x = an.info(node.args[0])
         win = self._window(node, x)
-        if win is None:
-            return self._wrap(node, an.aligned(node.args[0], max(x.warmup, 0)))
+        if win is None:                          # frame-local along time
+            floor = x.warmup if self.zero_preserving else max(x.warmup, 0)
+            return self._wrap(node, an.aligned(node.args[0], floor))
         if self.covers_clip(node, x, win):
             return self._wrap(node, ClipWindow.time(an, node.args[0]))
         p = plan(win, x.warmup)
@@ -349,6 +351,8 @@ class ConstantPad(OpRule):
 class Slice(WindowRule):
     """Slicing along time: `x[:, a:]` shifts the stream, `x[:, a::s]` is a stride-s window of one
     frame; slicing other axes is frame-local."""
+
+    zero_preserving = True
 
     def window(self, node, d):
         x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
