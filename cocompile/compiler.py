@@ -19,8 +19,12 @@ from .timeinfo import META
 
 
 def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int = 2,
-            step_frames: int | None = None, approximate: bool = False) -> ContinualModel:
+            step_frames: int | None = None, approximate: bool = False,
+            trace: bool = True) -> ContinualModel:
     """Compile an offline clip model into a continual model that reads frames as they arrive.
+
+    trace=False skips tracing the step into a plain ATen graph: steps then run the graph
+    interpreter (slower per step, quicker to compile; artifacts trace on export).
 
     >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 64, 64), time_dim=2)
     >>> torch.testing.assert_close(co.forward_steps(clip), model(clip))
@@ -44,7 +48,7 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
     specs = assign_states(cap.gm, an)
     # step program: the graph run per chunk by the step rules, traced into a plain ATen step graph
     program = StepProgram(cap.gm, cap.consts, cap.input_name, specs, c, T)
-    step_fn = _trace(program, example_input, time_dim, cap.dynamic_batch)
+    step_fn = _trace(program, example_input, time_dim, cap.dynamic_batch) if trace else program
     out_infos = list(next(n for n in cap.gm.graph.nodes if n.op == "output").meta[META])
     return ContinualModel(program, step_fn, cap.out_spec, out_infos, example_input, time_dim, approximate)
 
@@ -70,7 +74,8 @@ def _trace(program: StepProgram, example: torch.Tensor, time_dim: int, dynamic: 
     shape[0], shape[time_dim] = batch, program.step_frames
     args = (torch.zeros(shape, dtype=example.dtype),
             *(torch.zeros((batch, *s.shape), dtype=s.dtype) for s in program.specs))
-    dyn = tuple({0: Dim("batch")} for _ in args) if dynamic else None
+    b = Dim("batch")
+    dyn = ({0: b}, {0: b}, tuple({0: b} for _ in args[2:])) if dynamic else None
     try:
         with torch.no_grad():
             return export(program, args, dynamic_shapes=dyn).module()

@@ -1,0 +1,75 @@
+"""What every example shares: random BatchNorm statistics, and compile + verify + report."""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+import cocompile
+from flops import FlopCount, cocompile_flops
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters, so that folding or
+    skipping one shows up in the outputs. Variances stay near 1 to keep deep nets well scaled.
+
+    >>> randomize_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3))).eval()
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+    return model
+
+
+@dataclass
+class Result:
+    """One compiled example: the continual model, its verify report and its FLOPs."""
+
+    name: str
+    co: cocompile.ContinualModel
+    report: cocompile.Report
+    flops: FlopCount
+    out_scale: float          # max |model(clip)|: the E1 bound is 1e-4 * max(1, out_scale)
+
+
+def state_bytes(co) -> int:
+    """Bytes of state per stream (batch 1)."""
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in co.specs)
+
+
+def run(name: str, model, clip, time_dim: int = 2, approximate: bool = False,
+        sliding_steps: int | None = None) -> Result:
+    """Compile `model` for streaming, verify it against itself on `clip`, count FLOPs, print a summary."""
+    t0 = time.perf_counter()
+    co = cocompile.compile(model, clip, time_dim=time_dim, approximate=approximate)
+    t1 = time.perf_counter()
+    report = cocompile.verify(model, co, clip, sliding_steps=sliding_steps)
+    flops = cocompile_flops(model, co, clip)
+    with torch.no_grad():
+        scale = max(float(y.abs().max()) for y in torch.utils._pytree.tree_leaves(model(clip)))
+    print(f"== {name}  input {tuple(clip.shape)}  (compile {t1 - t0:.1f}s, "
+          f"verify {time.perf_counter() - t1:.1f}s)")
+    print(f"step_frames {co.step_frames}  clip_length {co.clip_length}  delay {co.delay}  "
+          f"receptive field {co.receptive_field}")
+    print(f"states {len(co.specs)}  ({state_bytes(co) / 1024:.1f} KiB per stream)")
+    kind = "approximate (measured)" if report.approximate else "exact"
+    print(f"E1 max |err| {report.max_error('E1'):.3g}  ({kind}; max |output| {scale:.3g})")
+    print(f"FLOPs per clip {flops.clip / 1e6:.2f} M, per step {flops.step / 1e6:.2f} M, "
+          f"ideal {flops.ideal / 1e6:.2f} M, ratio {flops.ratio:.3f}")
+    print(report)
+    return Result(name, co, report, flops, scale)
+
+
+def parse_size(argv=None, doc: str = "") -> str:
+    """`--size small|full` from the command line (default small)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--size", choices=("small", "full"), default="small")
+    return parser.parse_args(argv).size

@@ -1,0 +1,111 @@
+"""FLOPs of one continual step versus one offline clip, for every example.
+
+    python examples/flops.py [--size small|full]
+
+`ideal` is what a perfectly incremental model would spend per step: the clip's FLOPs times the
+fraction of the clip that one step brings in (step_frames / T). A ratio near 1 means the step
+recomputes nothing it has seen before; the head that runs once per step is the usual excess.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn")
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs (multiply and add counted apart, as FlopCounterMode does) of a clip and of one step."""
+
+    clip: int
+    step: int
+    clip_length: int
+    step_frames: int
+
+    @property
+    def ideal(self) -> float:
+        return self.clip * self.step_frames / self.clip_length
+
+    @property
+    def ratio(self) -> float:
+        return self.step / self.ideal
+
+
+def count_flops(fn, *args) -> int:
+    """Total FLOPs of `fn(*args)`.
+
+    >>> count_flops(torch.nn.Linear(4, 2), torch.randn(1, 4))
+    16
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def cocompile_flops(model: torch.nn.Module, co, clip: torch.Tensor) -> FlopCount:
+    """FLOPs of `model(clip)` and of one `co.step` on the clip's first chunk from the zero state.
+
+    Every step runs the same graph on the same shapes, so the first step is every step.
+
+    >>> f = cocompile_flops(model, cocompile.compile(model, clip), clip)
+    >>> f.ratio      # step / (clip * step_frames / T)
+    1.02
+    """
+    chunk = clip.narrow(co.time_dim, 0, co.step_frames)
+    state = co.initial_state(clip.shape[0])
+    return FlopCount(clip=count_flops(model, clip), step=count_flops(co.step, chunk, state),
+                     clip_length=co.clip_length, step_frames=co.step_frames)
+
+
+def import_example(name: str):
+    """Import examples/<name>.py whether or not examples/ is on sys.path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
+def table(size: str, names=EXAMPLES) -> list[tuple[str, FlopCount]]:
+    """Compile every example (and X3D's SE variant, approximate) at `size` and count its FLOPs."""
+    import cocompile
+
+    rows = []
+    for name in names:
+        mod = import_example(name)
+        for label, kwargs, approximate in mod.VARIANTS:
+            model, clip = mod.build(size, **kwargs), mod.example_input(size)
+            co = cocompile.compile(model, clip, time_dim=mod.TIME_DIM, approximate=approximate)
+            rows.append((label, cocompile_flops(model, co, clip)))
+    return rows
+
+
+def format_table(rows) -> str:
+    """The FLOPs table as text (GFLOPs)."""
+    head = f"{'model':<16}{'T':>5}{'step':>6}{'clip GF':>11}{'step GF':>11}{'ideal GF':>11}{'ratio':>8}"
+    lines = [head, "-" * len(head)]
+    for label, f in rows:
+        lines.append(f"{label:<16}{f.clip_length:>5}{f.step_frames:>6}{f.clip / 1e9:>11.4f}"
+                     f"{f.step / 1e9:>11.4f}{f.ideal / 1e9:>11.4f}{f.ratio:>8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("small", "full"), default="full")
+    parser.add_argument("--only", nargs="*", default=list(EXAMPLES), help="examples to count")
+    args = parser.parse_args(argv)
+    rows = table(args.size, args.only)
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
