@@ -1,0 +1,269 @@
+"""`co.export(path)`: one step of a ContinualModel as a deployable artifact (DESIGN.md §6).
+
+Every format holds the same function, `step(x, *state) -> (*outputs, *next_state)`, with the batch
+axis dynamic on every input and output (states too), and the JSON of `cocompile.metadata`:
+
+    .onnx   torch.onnx.export(dynamo=True), renamed and cleaned with onnx-graphsurgeon; metadata in
+            metadata_props["cocompile"]; passes onnx.checker full_check; runs in onnxruntime
+    .pt     TorchScript (scripted from the exported ATen graph); metadata as extra file cocompile.json
+    .pt2    torch.export.save of the step program; metadata as extra file cocompile.json
+
+>>> co.export("co_model.onnx")
+>>> check_artifact(co, "co_model.onnx").passed      # E4: same outputs and states as co.step
+True
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from . import metadata as md
+from .errors import CompileError
+
+E4_RTOL = 1e-5    # max|Δ| <= E4_RTOL * max(1, max|ref|) for every output and state
+
+
+class ExplicitStep(torch.nn.Module):
+    """The step with every state an argument: forward(x, *state) -> (*outputs, *next_state)."""
+
+    def __init__(self, program: torch.nn.Module):
+        super().__init__()
+        self.program = program
+
+    def forward(self, x, *state):
+        return tuple(self.program(x, *state))
+
+
+def export(co, path: str | os.PathLike) -> str:
+    """Write `co`'s step to `path`; the suffix picks the format (.onnx, .pt, .pt2).
+
+    >>> export(co, "co_model.pt2")
+    'co_model.pt2'
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    writer = WRITERS.get(suffix)
+    if writer is None:
+        raise CompileError(f"cannot export to {path!r}: unknown suffix {suffix or '(none)'!r}",
+                           hint="use one of " + ", ".join(WRITERS) + " (ONNX, TorchScript, torch.export)")
+    with torch.no_grad():
+        writer(co, path)
+    return path
+
+
+def example_args(co, batch: int = 2, seed: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(x_chunk, *state) for one step: random frames and the zero state, or a random state with seed."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    x = torch.randn(co._chunk_shape(batch, co.step_frames), generator=g).to(co.dtype)
+    state = co.initial_state(batch)
+    if g is not None:
+        state = tuple(s.normal_(generator=g) if s.is_floating_point() else s for s in state)
+    return (x, *state)
+
+
+def export_program(co) -> torch.export.ExportedProgram:
+    """torch.export the explicit step with the batch axis dynamic on every input."""
+    args = example_args(co)
+    batch = Dim("batch")
+    dynamic = ({0: batch}, tuple({0: batch} for _ in args[1:]))
+    try:
+        return torch.export.export(ExplicitStep(co.program), args, dynamic_shapes=dynamic)
+    except Exception as err:  # noqa: BLE001 - report torch's first line, with the fix
+        raise CompileError(f"torch.export could not trace the step with a dynamic batch: "
+                           f"{_first_line(err)}",
+                           hint="make the model exportable with a dynamic batch axis "
+                                "(torch.export.export(model, (clip,), dynamic_shapes=...))") from None
+
+
+# -- .pt2 ------------------------------------------------------------------------------------------
+def write_pt2(co, path: str) -> None:
+    """torch.export archive of the step; the metadata rides along as cocompile.json."""
+    torch.export.save(export_program(co), path, extra_files={md.EXTRA_FILE: md.dumps(co)})
+
+
+# -- .onnx -----------------------------------------------------------------------------------------
+def write_onnx(co, path: str) -> None:
+    """ONNX via torch's dynamo exporter, then names, cleanup and metadata (see `finish_onnx`)."""
+    import onnx
+
+    ep = export_program(co)
+    with _quiet():
+        program = torch.onnx.export(ep, example_args(co), dynamo=True, verbose=False,
+                                    external_data=False)
+    model = finish_onnx(program.model_proto, co)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise CompileError(f"the exported ONNX model fails onnx.checker: {_first_line(err)}") from None
+    onnx.save(model, path)
+
+
+def finish_onnx(model, co):
+    """Readable names (x, states; y/y.i, next states), a symbolic batch axis, no dead nodes,
+    every state documented, and the metadata under metadata_props["cocompile"]."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    _name_all(graph.inputs, md.input_names(co))
+    graph.outputs = _distinct_outputs(graph)
+    _name_all(graph.outputs, md.all_output_names(co))
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.producer_name, out.producer_version = "cocompile", md.cocompile_version()
+    docs = {s.name: s.doc for s in co.specs} | {md.next_state_name(s.name): s.doc for s in co.specs}
+    for value in [*out.graph.input, *out.graph.output]:
+        value.doc_string = docs.get(value.name, "")
+    onnx.helper.set_model_props(out, {md.KEY: md.dumps(co)})
+    return out
+
+
+def _name_all(tensors, names: list[str]) -> None:
+    if len(tensors) != len(names):
+        raise CompileError(f"internal error: the ONNX graph has {len(tensors)} inputs/outputs, "
+                           f"expected {len(names)} ({names[:3]}...)")
+    for tensor, name in zip(tensors, names):
+        tensor.name = name
+        if tensor.shape:
+            tensor.shape[0] = "batch"
+
+
+def _distinct_outputs(graph) -> list:
+    """Graph outputs that can be renamed one by one: an output that is also a graph input, a
+    constant or another output gets its own Identity (ONNX names a value exactly once)."""
+    import onnx_graphsurgeon as gs
+
+    seen, outs = {id(t) for t in graph.inputs}, []
+    for t in graph.outputs:
+        if id(t) in seen or isinstance(t, gs.Constant):
+            t = graph.layer(op="Identity", inputs=[t], outputs=[gs.Variable(f"{t.name}_copy",
+                            dtype=t.dtype, shape=t.shape)])[0]
+        seen.add(id(t))
+        outs.append(t)
+    return outs
+
+
+# -- .pt (TorchScript) -----------------------------------------------------------------------------
+def write_torchscript(co, path: str) -> None:
+    """TorchScript of the exported ATen step (scripted, so the batch stays dynamic); the metadata
+    is the extra file cocompile.json."""
+    gm = scriptable(export_program(co).module())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        try:
+            module = torch.jit.script(gm)
+        except Exception as err:  # noqa: BLE001 - tracing keeps the sizes the graph reads
+            warnings.warn(f"scripting the step failed ({_first_line(err)}); tracing it instead",
+                          stacklevel=3)
+            module = torch.jit.trace(gm, example_args(co), check_trace=False)
+        _check_batches(module, co)
+        torch.jit.save(module, path, _extra_files={md.EXTRA_FILE: md.dumps(co)})
+
+
+def scriptable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A plain fx GraphModule TorchScript can compile: no pytree (un)flattening or export guards,
+    batch sizes read with `x.size(d)`, ATen ops called by packet (TorchScript picks the overload)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users and node.target.startswith("_guards"):
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.sym_size.int:
+            node.op, node.target = "call_method", "size"
+        elif isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    graph._codegen = torch.fx.graph.CodeGen()
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _check_batches(module, co) -> None:
+    """The TorchScript step must serve any batch size, not the one it was built with."""
+    for batch in (1, 3):
+        args = example_args(co, batch, seed=batch)
+        want, got = co.program(*args), module(*args)
+        if any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+               for a, b in zip(want, got)):
+            raise CompileError(f"the TorchScript step does not reproduce the step at batch {batch}",
+                               hint="export to .onnx or .pt2 instead")
+
+
+WRITERS = {".onnx": write_onnx, ".pt": write_torchscript, ".pt2": write_pt2}
+
+
+# -- E4 --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class E4Report:
+    """Largest error of an artifact against `co.step`, relative to max(1, max|ref|)."""
+
+    path: str
+    steps: int
+    batch: int
+    error: float
+    worst: str          # name of the output or state with the largest error
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= E4_RTOL
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (f"E4 {os.path.basename(self.path)}: {self.steps} steps x {self.batch} streams, "
+                f"max rel err {self.error:.3g} (bound {E4_RTOL:g}, worst {self.worst})  {verdict}")
+
+
+def check_artifact(co, path: str, steps: int | None = None, batch: int = 2, seed: int = 0) -> E4Report:
+    """E4: step the artifact and `co` side by side from the zero state on `batch` independent
+    random streams for `steps` steps (default 3·T); compare every output and next state."""
+    from .loading import load_artifact
+
+    run = load_artifact(path).run
+    steps = 3 * co.clip_length if steps is None else steps
+    names = md.all_output_names(co)
+    g = torch.Generator().manual_seed(seed)
+    state, worst = co.initial_state(batch), (0.0, "-")
+    for _ in range(steps):
+        x = torch.randn(co._chunk_shape(batch, co.step_frames), generator=g).to(co.dtype)
+        with torch.no_grad():
+            outs, nxt = co.step(x, state)
+        ref = (*pytree.tree_leaves(outs), *nxt)
+        got = run(x, *state)
+        worst = max([worst, *((_rel(a, b), n) for a, b, n in zip(got, ref, names))])
+        state = nxt
+    return E4Report(path, steps, batch, worst[0], worst[1])
+
+
+def _rel(got, ref: torch.Tensor) -> float:
+    got = torch.as_tensor(got)
+    if tuple(got.shape) != tuple(ref.shape):
+        return float("inf")
+    if not ref.numel():
+        return 0.0
+    err = (got.double() - ref.double()).abs().max().item()
+    return err / max(1.0, ref.double().abs().max().item())
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress lines and warnings about packages we do not use."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

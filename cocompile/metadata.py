@@ -1,0 +1,139 @@
+"""The self-description every artifact carries (DESIGN.md §6), as one JSON document.
+
+A consumer needs nothing else to drive an artifact: input and state names, shapes, dtypes and
+initial values, the time axis, how many frames a step takes, and when each output becomes valid.
+
+Validity rule (the same one `ContinualModel` and `cocompile.runtime` apply):
+
+* per-frame output ("kind": "time"): a step emits `frames_per_step` frames along `time_axis`;
+  counting every emitted frame of the stream from 0, frame j is valid when j >= `warmup`
+  (valid frame j is offline frame j - warmup);
+* clip output ("kind": "clip"): valid after a step once `ready` input frames were consumed
+  (including that step's);
+* "static" outputs do not depend on the frames and are always valid.
+
+>>> meta = metadata(co)
+>>> meta["step_frames"], [s["name"] for s in meta["states"]][:2]
+(2, ['state.frames', 'state.c1'])
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .timeinfo import CLIP, TIME
+
+FORMAT = "cocompile.continual"
+FORMAT_VERSION = 1
+KEY = "cocompile"              # ONNX metadata_props key; `cocompile.json` in .pt / .pt2 archives
+EXTRA_FILE = "cocompile.json"
+INPUT_NAME = "x"
+
+EXACTNESS = {
+    "exact": "every valid value equals the offline model: per-frame outputs frame for frame on the "
+             "whole stream (E3), clip outputs on the last clip_length input frames (E2)",
+    "padded": "clip output that depends on temporal zero padding: at a clip's end it equals the "
+              "offline model only after the end-of-clip flush (ContinualModel.flush, not part of "
+              "the artifact); sliding windows deviate",
+    "approximate": "depends on a causal approximation of a non-causal clip reduction",
+}
+
+
+def next_state_name(name: str) -> str:
+    """`state.blocks.2.conv_a` -> `next_state.blocks.2.conv_a`."""
+    return "next_state." + name.removeprefix("state.")
+
+
+def output_names(co) -> list[str]:
+    """`y` for a single output, `y.0`, `y.1`, ... for several (the model's outputs, flattened)."""
+    n = len(co.out_infos)
+    return ["y"] if n == 1 else [f"y.{i}" for i in range(n)]
+
+
+def input_names(co) -> list[str]:
+    """`x`, then every state's name in step order."""
+    return [INPUT_NAME] + [s.name for s in co.specs]
+
+
+def all_output_names(co) -> list[str]:
+    """The model's outputs, then every state's next-state name in step order."""
+    return output_names(co) + [next_state_name(s.name) for s in co.specs]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float32` -> `float32` (numpy's spelling)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _exactness(info) -> str:
+    if info.approx:
+        return "approximate"
+    return "padded" if info.kind == CLIP and info.padded else "exact"
+
+
+def _valid_from_step(info, step_frames: int) -> int:
+    """Index of the first step (from the zero state) that returns a valid value of this output."""
+    if info.kind == TIME:
+        return max(int(info.warmup) // info.frames_per_step(step_frames), 0)
+    if info.kind == CLIP:
+        return max(-(-int(info.ready) // step_frames) - 1, 0)
+    return 0
+
+
+def _output(name: str, info, shape, step_frames: int) -> dict:
+    entry = {"name": name, "kind": info.kind, "shape": [None, *shape[1:]],
+             "exactness": _exactness(info), "delay": int(info.lag()),
+             "valid_from_step": _valid_from_step(info, step_frames)}
+    if info.kind == TIME:
+        entry.update(time_axis=info.dim, rate=str(info.rate), rate_num=int(info.rate.p),
+                     rate_den=int(info.rate.q), frames_per_step=info.frames_per_step(step_frames),
+                     warmup=int(info.warmup), receptive_field=int(info.rf), clip_frames=int(info.length))
+    elif info.kind == CLIP:
+        entry.update(ready=int(info.ready), receptive_field=int(info.rf))
+    return entry
+
+
+def _state(spec) -> dict:
+    return {"name": spec.name, "output": next_state_name(spec.name), "shape": [None, *spec.shape],
+            "dtype": dtype_name(spec.dtype), "init": spec.init, "doc": spec.doc}
+
+
+def _output_shapes(co) -> list[tuple]:
+    """Shapes of one step's outputs at batch 1 (from running one step on the zero state)."""
+    shape = co._chunk_shape(1, co.step_frames)
+    with torch.no_grad():
+        outs, _ = co.step(torch.zeros(shape, dtype=co.dtype), co.initial_state(1))
+    return [tuple(t.shape) for t in pytree.tree_leaves(outs)]
+
+
+def cocompile_version() -> str:
+    from . import __version__
+    return __version__
+
+
+def metadata(co) -> dict:
+    """The JSON-ready description of a ContinualModel's step (see the module docstring)."""
+    chunk = co._chunk_shape(None, co.step_frames)
+    shapes = _output_shapes(co)
+    outputs = [_output(n, i, s, co.step_frames) for n, i, s in zip(output_names(co), co.out_infos, shapes)]
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "versions": {"cocompile": cocompile_version(), "torch": torch.__version__},
+        "step_frames": int(co.step_frames), "clip_length": int(co.clip_length),
+        "delay": int(co.delay), "receptive_field": int(co.receptive_field),
+        "approximate": co.approximate, "exact_sliding": co.exact_sliding,
+        "inputs": [{"name": INPUT_NAME, "shape": chunk, "dtype": dtype_name(co.dtype),
+                    "batch_axis": 0, "time_axis": co.time_dim}],
+        "outputs": outputs,
+        "states": [_state(s) for s in co.specs],
+        "frame_counter": co.specs[0].name,
+        "output_structure": pytree.treespec_dumps(co.out_spec),
+        "exactness_classes": EXACTNESS,
+    }
+
+
+def dumps(co) -> str:
+    """`metadata(co)` as a JSON string."""
+    return json.dumps(metadata(co), indent=1)

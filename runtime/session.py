@@ -1,0 +1,144 @@
+"""`Session`: one ONNX artifact of cocompile in onnxruntime, driven by its own metadata.
+
+numpy and onnxruntime only: nothing here (or anywhere in cocompile.runtime) imports torch.
+
+>>> sess = Session("co_model.onnx")
+>>> state = sess.initial_state(batch=2)
+>>> outputs, state = sess.step(x_chunk, state)      # x_chunk: (2, *sess.chunk_shape)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+KEY = "cocompile"
+FORMAT_VERSIONS = (1,)
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """When one output is valid (see cocompile.metadata): kind, time axis, rate and warm-up."""
+
+    name: str
+    kind: str               # "time", "clip" or "static"
+    time_axis: int | None   # with the batch axis (0) counted
+    rate: tuple[int, int]   # output frames per input frame, as (num, den)
+    warmup: int             # streamed frames of this output before its first valid one
+    ready: int              # clip outputs: input frames needed before the value is valid
+
+    @classmethod
+    def from_meta(cls, d: dict) -> "OutputInfo":
+        return cls(d["name"], d["kind"], d.get("time_axis"), (d.get("rate_num", 1), d.get("rate_den", 1)),
+                   d.get("warmup", 0), d.get("ready", 0))
+
+    def valid_part(self, value: np.ndarray, frames_before: int, step_frames: int):
+        """The valid part of this step's `value` (one stream, batch axis kept), or None."""
+        if self.kind == "time":
+            streamed = frames_before * self.rate[0] // self.rate[1]
+            skip = max(self.warmup - streamed, 0)
+            n = value.shape[self.time_axis]
+            if skip >= n:
+                return None
+            return value if skip == 0 else np.take(value, np.arange(skip, n), axis=self.time_axis)
+        if self.kind == "clip":
+            return value if frames_before + step_frames >= self.ready else None
+        return value
+
+
+class Session:
+    """An ONNX artifact: `step(x, state) -> (outputs, state)` with checked inputs.
+
+    meta           the artifact's JSON metadata (dict)
+    step_frames    frames per step; chunk_shape: x's shape without batch; frame_shape: one frame's
+    time_axis      axis of x that holds time (batch is axis 0)
+    dtype          numpy dtype of x
+    """
+
+    def __init__(self, path: str, threads: int | None = None, providers=None):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.path = path
+        self._sess = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
+        self.meta = _read_meta(self._sess, path)
+        x = self.meta["inputs"][0]
+        self.input_name, self.time_axis = x["name"], x["time_axis"]
+        self.dtype = np.dtype(x["dtype"])
+        self.step_frames = self.meta["step_frames"]
+        self.chunk_shape = tuple(x["shape"][1:])
+        self.frame_shape = tuple(s for i, s in enumerate(x["shape"]) if i not in (0, self.time_axis))
+        self.states = self.meta["states"]
+        self.outputs = [OutputInfo.from_meta(o) for o in self.meta["outputs"]]
+        self.input_names = [self.input_name] + [s["name"] for s in self.states]
+        self.output_names = [o.name for o in self.outputs] + [s["output"] for s in self.states]
+        self._check_graph()
+
+    # -- explicit state -----------------------------------------------------------------------------
+    def initial_state(self, batch: int = 1) -> tuple[np.ndarray, ...]:
+        """The zero state of `batch` fresh streams (every state's init is "zeros")."""
+        return tuple(np.zeros((batch, *s["shape"][1:]), dtype=s["dtype"]) for s in self.states)
+
+    def step(self, x: np.ndarray, state: tuple) -> tuple[tuple, tuple]:
+        """One step of `step_frames` frames for a batch: (outputs incl. warm-up, next state)."""
+        self.check_chunk(x)
+        self.check_state(state, len(x))
+        flat = self.run([x, *state])
+        n = len(self.outputs)
+        return tuple(flat[:n]), tuple(flat[n:])
+
+    def run(self, arrays: list) -> list[np.ndarray]:
+        """Raw call: x and the states in, outputs and next states out (no checks)."""
+        return self._sess.run(self.output_names, dict(zip(self.input_names, arrays)))
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def check_chunk(self, x) -> None:
+        """x must be an array of shape (batch, *chunk_shape) and dtype `dtype`."""
+        expected = f"(batch, {', '.join(map(str, self.chunk_shape))}) {self.dtype}"
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"x must be a numpy array of shape {expected}, got {type(x).__name__}")
+        if x.ndim != len(self.chunk_shape) + 1 or x.shape[1:] != self.chunk_shape or not len(x):
+            raise ValueError(f"x has shape {x.shape}, expected {expected} "
+                             f"({self.step_frames} frames on axis {self.time_axis})")
+        if x.dtype != self.dtype:
+            raise ValueError(f"x has dtype {x.dtype}, expected {self.dtype} (convert with x.astype)")
+
+    def check_state(self, state, batch: int) -> None:
+        """state must hold one array per state tensor, each (batch, *shape) of its dtype."""
+        if len(state) != len(self.states):
+            raise ValueError(f"state has {len(state)} arrays, expected {len(self.states)} "
+                             "(use initial_state(batch))")
+        for value, spec in zip(state, self.states):
+            want = (batch, *spec["shape"][1:])
+            if not isinstance(value, np.ndarray) or value.shape != want or value.dtype != spec["dtype"]:
+                got = (value.shape, value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
+                raise ValueError(f"{spec['name']} is {got}, expected shape {want} dtype {spec['dtype']}")
+
+    def _check_graph(self) -> None:
+        have = [i.name for i in self._sess.get_inputs()]
+        if have != self.input_names:
+            raise ValueError(f"{self.path}: graph inputs {have} do not match the metadata {self.input_names}")
+
+    # -- streams ------------------------------------------------------------------------------------
+    def streams(self, n: int):
+        """`n` independent streams served in one batched call; see `Streams`."""
+        from .streams import Streams
+        return Streams(self, n)
+
+    def stream(self):
+        """One stream fed frame by frame; see `Stream`."""
+        from .streams import Stream
+        return Stream(self)
+
+
+def _read_meta(sess, path: str) -> dict:
+    text = sess.get_modelmeta().custom_metadata_map.get(KEY)
+    if text is None:
+        raise ValueError(f"{path} has no metadata_props['{KEY}']: not an artifact written by cocompile")
+    meta = json.loads(text)
+    if meta.get("format_version") not in FORMAT_VERSIONS:
+        raise ValueError(f"{path}: metadata format_version {meta.get('format_version')} is not one of "
+                         f"{FORMAT_VERSIONS}; upgrade cocompile.runtime")
+    return meta
