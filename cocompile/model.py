@@ -55,6 +55,23 @@ class ContinualModel(torch.nn.Module):
             flat = self.program.flush(x, *state)
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
+    # -- artifacts -------------------------------------------------------------------------------------
+    def export(self, path):
+        """Write the step to `path` (.onnx, .pt TorchScript, .pt2 torch.export) with explicit state
+        in/out and the metadata of `metadata()`; returns the path.
+
+        >>> co.export("co_model.onnx")
+        'co_model.onnx'
+        """
+        from .export import export
+        return export(self, path)
+
+    def metadata(self) -> dict:
+        """The JSON description every artifact carries: step size, inputs, outputs with their
+        warm-up and exactness, states with shape/dtype/init (see cocompile.metadata)."""
+        from .metadata import metadata
+        return metadata(self)
+
     # -- stateful form ---------------------------------------------------------------------------------
     def reset(self) -> None:
         self._state, self._frames_seen = None, 0
