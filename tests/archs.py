@@ -1,0 +1,211 @@
+"""Random temporal architectures for property tests: stacks and DAGs of conv/pool along time.
+
+A spec is plain data (so hypothesis can shrink it); `Net(spec)` builds the offline model. Time sits
+on any spatial axis of a 1D/2D/3D layout; other spatial axes get 1 or 3 wide same-padded kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _per_axis(nd, t_axis, along_time, other):
+    return tuple(along_time if i == t_axis else other for i in range(nd))
+
+
+class Net(nn.Module):
+    """Interprets a spec: ("conv", ...), ("pool", ...), ("relu",), ("bn",), ("pad", l, r),
+    ("res", [layers]), ("down", stride, k), ("cat", [layers], [layers]); heads per spec["heads"]."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec, self.nd, self.t = spec, spec["nd"], spec["t_axis"]
+        self.mods = nn.ModuleDict()
+        ch = self._build(spec["layers"], spec["in_ch"], "b")
+        self.out_ch = ch
+
+    def _build(self, layers, ch, prefix):
+        for i, layer in enumerate(layers):
+            name = f"{prefix}{i}"
+            kind = layer[0]
+            if kind == "conv":
+                _, out, k, s, d, p, g, sk = layer
+                g = g if ch % g == 0 and out % g == 0 else 1
+                self.mods[name] = CONV[self.nd](
+                    ch, out, _per_axis(self.nd, self.t, k, sk), _per_axis(self.nd, self.t, s, 1),
+                    _per_axis(self.nd, self.t, p, sk // 2), _per_axis(self.nd, self.t, d, 1), groups=g)
+                ch = out
+            elif kind == "pool":
+                _, avg, k, s, p, incl = layer
+                kw = dict(count_include_pad=incl) if avg else {}
+                self.mods[name] = (AVGPOOL if avg else MAXPOOL)[self.nd](
+                    _per_axis(self.nd, self.t, k, 1), _per_axis(self.nd, self.t, s, 1),
+                    _per_axis(self.nd, self.t, p, 0), **kw)
+            elif kind == "bn":
+                bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[self.nd](ch)
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.uniform_(-0.5, 0.5)
+                self.mods[name] = bn
+            elif kind == "res":
+                self._build(layer[1], ch, name + "_")
+            elif kind == "down":
+                _, s, k = layer
+                self.mods[name + "_main"] = CONV[self.nd](
+                    ch, ch, _per_axis(self.nd, self.t, k, 1), _per_axis(self.nd, self.t, s, 1),
+                    _per_axis(self.nd, self.t, k // 2, 0))
+                self.mods[name + "_short"] = CONV[self.nd](ch, ch, 1, _per_axis(self.nd, self.t, s, 1))
+            elif kind == "cat":
+                a = self._build(layer[1], ch, name + "a")
+                b = self._build(layer[2], ch, name + "b")
+                ch = a + b
+        return ch
+
+    def _run(self, layers, x, prefix):
+        for i, layer in enumerate(layers):
+            name, kind = f"{prefix}{i}", layer[0]
+            if kind in ("conv", "pool", "bn"):
+                x = self.mods[name](x)
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "pad":
+                pads = [0, 0] * self.nd
+                j = self.nd - 1 - self.t
+                pads[2 * j], pads[2 * j + 1] = layer[1], layer[2]
+                x = F.pad(x, pads)
+            elif kind == "res":
+                x = x + self._run(layer[1], x, name + "_")
+            elif kind == "down":
+                x = self.mods[name + "_main"](x) + self.mods[name + "_short"](x)
+            elif kind == "cat":
+                x = torch.cat([self._run(layer[1], x, name + "a"), self._run(layer[2], x, name + "b")], 1)
+        return x
+
+    def forward(self, x):
+        y = self._run(self.spec["layers"], x, "b")
+        td = 2 + self.t
+        heads = self.spec["heads"]
+        outs = []
+        if "frames" in heads:
+            outs.append(y)
+        if "mean" in heads:
+            outs.append(y.mean(dim=td))
+        if "amax" in heads:
+            outs.append(y.amax(dim=tuple(range(2, y.dim()))))
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+# -- strategies ------------------------------------------------------------------------------------
+def _same_conv(draw, ch):
+    """A length-preserving stride-1 conv (odd extent, centred or causal via explicit padding)."""
+    k = draw(st.sampled_from([1, 3, 5]))
+    d = draw(st.sampled_from([1, 2]))
+    return [("conv", ch, k, 1, d, d * (k - 1) // 2, draw(st.sampled_from([1, ch])), draw(st.sampled_from([1, 3])))]
+
+
+def _causal_conv(draw, ch):
+    k = draw(st.integers(2, 3))
+    d = draw(st.sampled_from([1, 2, 3]))
+    return [("pad", d * (k - 1), 0), ("conv", ch, k, 1, d, 0, 1, 1)]
+
+
+@st.composite
+def layer(draw, ch, padded: bool):
+    kind = draw(st.sampled_from(["conv", "conv", "pool", "relu", "bn", "res", "down", "cat", "pad"]))
+    if kind == "conv":
+        k, s, d = draw(st.integers(1, 4)), draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 2]))
+        ext = d * (k - 1) + 1
+        p = draw(st.integers(0, ext)) if padded else 0
+        out = draw(st.sampled_from([ch, ch + 1, 2 * ch]))
+        return [("conv", out, k, s, d, p, draw(st.sampled_from([1, 2, ch])), draw(st.sampled_from([1, 3])))]
+    if kind == "pool":
+        k = draw(st.integers(1, 3))
+        s = draw(st.integers(1, k))
+        p = draw(st.integers(0, k // 2)) if padded else 0
+        return [("pool", draw(st.booleans()), k, s, p, draw(st.booleans()))]
+    if kind in ("relu", "bn"):
+        return [(kind,)]
+    if kind == "pad":
+        return [("pad", draw(st.integers(1, 3)), draw(st.integers(0, 2)))] if padded else [("relu",)]
+    if kind == "res":
+        if not padded:      # unpadded residuals would change length: use a crop-free causal body
+            return [("relu",)]
+        body = draw(st.sampled_from(["same", "causal"]))
+        inner = _same_conv(draw, ch) if body == "same" else _causal_conv(draw, ch)
+        return [("res", inner + [("relu",)])]
+    if kind == "down":
+        return [("down", 2, draw(st.sampled_from([1, 3])) if padded else 1)]
+    a = _same_conv(draw, 2) if padded else [("conv", 2, 1, 1, 1, 0, 1, 1)]
+    b = [("pool", draw(st.booleans()), 3, 1, 1, True)] if padded else [("relu",)]
+    return [("cat", a, b)]
+
+
+def total_stride(layers) -> int:
+    out = 1
+    for lay in layers:
+        if lay[0] == "conv":
+            out *= lay[3]
+        elif lay[0] == "pool":
+            out *= lay[3]
+        elif lay[0] == "down":
+            out *= lay[1]
+    return out
+
+
+def out_channels(layers, ch):
+    for lay in layers:
+        if lay[0] == "conv":
+            ch = lay[1]
+        elif lay[0] == "cat":
+            ch = out_channels(lay[1], ch) + out_channels(lay[2], ch)
+    return ch
+
+
+def length_after(layers, t):
+    """Offline frames after `layers` (None if some layer gets no frame)."""
+    for lay in layers:
+        kind = lay[0]
+        if kind == "conv":
+            _, _, k, s, d, p, _, _ = lay
+            t = (t + 2 * p - d * (k - 1) - 1) // s + 1
+        elif kind == "pool":
+            _, _, k, s, p, _ = lay
+            t = (t + 2 * p - k) // s + 1
+        elif kind == "pad":
+            t += lay[1] + lay[2]
+        elif kind == "down":
+            t = (t - 1) // lay[1] + 1
+        elif kind == "res":
+            if length_after(lay[1], t) != t:
+                return None
+        if t is None or t < 1:
+            return None
+    return t
+
+
+@st.composite
+def architectures(draw):
+    """A random spec with its clip length; padded or not (unpadded ones must also meet E2)."""
+    nd = draw(st.integers(1, 3))
+    padded = draw(st.booleans())
+    spec = {"nd": nd, "t_axis": draw(st.integers(0, nd - 1)), "in_ch": draw(st.integers(1, 3)),
+            "layers": [], "heads": draw(st.sampled_from([("frames",), ("mean",), ("frames", "mean"),
+                                                          ("amax",), ("frames", "amax")]))}
+    ch = spec["in_ch"]
+    for _ in range(draw(st.integers(1, 5))):
+        new = draw(layer(ch, padded))
+        spec["layers"] += new
+        ch = out_channels(new, ch)
+    stride = total_stride(spec["layers"])
+    fits = [stride * m for m in (2, 3, 4, 6) if 8 <= stride * m <= 48
+            and length_after(spec["layers"], stride * m) is not None]
+    if not fits:
+        spec["layers"], fits = [("relu",)], [8]
+    return spec, padded, draw(st.sampled_from(fits))
