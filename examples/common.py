@@ -12,21 +12,26 @@ import cocompile
 from flops import FlopCount, cocompile_flops
 
 
-def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters, so that folding or
-    skipping one shows up in the outputs. Variances stay near 1 to keep deep nets well scaled.
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights that keep activations near unit scale (He init on fan-in, which is also right
+    for depthwise convs), and random BatchNorm running statistics and affine parameters, so that
+    folding, skipping or misaligning a BatchNorm shows up in the outputs. Returns the eval model.
 
-    >>> randomize_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3))).eval()
+    >>> model = randomize(torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3), torch.nn.BatchNorm1d(8)))
     """
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias, std=0.1)
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             n = m.num_features
-            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            m.weight.data.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
-            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
-    return model
+            m.running_mean.copy_(0.1 * torch.randn(n))
+            m.running_var.copy_(0.5 + torch.rand(n))
+            m.weight.data.copy_(0.5 + 0.5 * torch.rand(n))
+            m.bias.data.copy_(0.1 * torch.randn(n))
+    return model.eval()
 
 
 @dataclass
@@ -34,6 +39,8 @@ class Result:
     """One compiled example: the continual model, its verify report and its FLOPs."""
 
     name: str
+    model: torch.nn.Module
+    clip: torch.Tensor
     co: cocompile.ContinualModel
     report: cocompile.Report
     flops: FlopCount
@@ -65,7 +72,7 @@ def run(name: str, model, clip, time_dim: int = 2, approximate: bool = False,
     print(f"FLOPs per clip {flops.clip / 1e6:.2f} M, per step {flops.step / 1e6:.2f} M, "
           f"ideal {flops.ideal / 1e6:.2f} M, ratio {flops.ratio:.3f}")
     print(report)
-    return Result(name, co, report, flops, scale)
+    return Result(name, model, clip, co, report, flops, scale)
 
 
 def parse_size(argv=None, doc: str = "") -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import cocompile
-from common import parse_size, randomize_batchnorm, run
+from common import parse_size, randomize, run
 
 TIME_DIM = 2
 # (label, build kwargs, approximate) for the FLOPs table
@@ -25,7 +25,7 @@ VARIANTS = (("x3d", {"se": False}, False), ("x3d-se", {"se": True}, True))
 CONFIGS = {
     "full": dict(frames=16, crop=224, stem=24, widths=(24, 48, 96, 192), depths=(3, 5, 11, 7),
                  expansion=2.25, fc=2048, classes=400),
-    "small": dict(frames=8, crop=32, stem=8, widths=(8, 16, 24, 32), depths=(1, 2, 2, 1),
+    "small": dict(frames=8, crop=32, stem=8, widths=(8, 16, 24, 32), depths=(1, 2, 1, 1),
                   expansion=2.25, fc=64, classes=10),
 }
 
@@ -103,8 +103,7 @@ class X3D(nn.Module):
 
 def build(size: str = "small", se: bool = False, seed: int = 0) -> X3D:
     """X3D-M ("full") or a tiny X3D ("small") in eval mode, random weights and BatchNorm statistics."""
-    torch.manual_seed(seed)
-    return randomize_batchnorm(X3D(**CONFIGS[size], se=se), seed).eval()
+    return randomize(X3D(**CONFIGS[size], se=se), seed)
 
 
 def example_input(size: str = "small", batch: int = 1, seed: int = 0) -> torch.Tensor:

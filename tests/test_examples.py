@@ -1,0 +1,70 @@
+"""The examples are tested documentation: each one, at its small size, streams exactly what its
+offline model computes (E1), the SE variant of X3D is refused unless approximate, and a step costs
+no more than the frames it brings in (FLOPs within 10% of clip FLOPs * step_frames / T)."""
+import functools
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import cocompile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+EXAMPLES = ["x3d", "r2plus1d", "slow_resnet", "tcn"]
+
+
+@functools.cache
+def run_example(name: str) -> dict:
+    """What `python examples/<name>.py --size small` computes, run once per example."""
+    return importlib.import_module(name).main(["--size", "small"])
+
+
+@pytest.fixture(params=EXAMPLES)
+def example(request):
+    return run_example(request.param)
+
+
+def _compiled(example):
+    return [r for key, r in example.items() if key != "refusal"]
+
+
+def test_stepping_reproduces_the_offline_model(example):
+    r = example["exact"]
+    assert r.report.passed and not r.report.approximate, str(r.report)
+    # independent of verify(): stepping + flush against the untouched offline model
+    with torch.no_grad():
+        ref, got = pytree.tree_leaves(r.model(r.clip)), pytree.tree_leaves(r.co.forward_steps(r.clip))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, float(a.abs().max()))
+        assert a.abs().max() > 1e-2          # outputs are not vanishingly small: the check has teeth
+
+
+def test_step_flops_match_the_frames_it_reads(example):
+    for r in _compiled(example):
+        assert r.flops.step > 0
+        assert r.flops.ratio <= 1.1, f"{r.name}: step {r.flops.step} vs ideal {r.flops.ideal}"
+
+
+def test_x3d_squeeze_excitation_needs_approximate():
+    out = run_example("x3d")
+    err = out["refusal"]
+    assert isinstance(err, cocompile.CompileError)
+    assert "blocks.0.se" in str(err) and "approximate=True" in str(err)
+    r = out["approximate"]
+    assert r.report.approximate and r.co.approximate
+    assert math.isfinite(r.report.max_error("E1"))
+    assert not any(c.claimed for c in r.report.checks if c.name == "E1")
+
+
+def test_flops_table_script():
+    flops = importlib.import_module("flops")
+    rows = flops.main(["--size", "small", "--only", "tcn"])
+    assert [label for label, _ in rows] == ["tcn"]
+    assert rows[0][1].ratio <= 1.1
