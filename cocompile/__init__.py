@@ -9,10 +9,12 @@ except ImportError:  # a deployment without torch: only cocompile.runtime (numpy
 if _torch is not None:
     from .compiler import compile
     from .errors import CompileError
+    from .inspect import Inspection, count_flops, inspect
     from .model import ContinualModel
     from .ops.registry import OpRule, StateSpec, register_op
     from .timeinfo import TimeInfo
     from .verify import Report, verify
 
 __all__ = ["compile", "CompileError", "ContinualModel", "OpRule", "StateSpec", "register_op",
-           "TimeInfo", "verify", "Report", "__version__"]
+           "TimeInfo", "verify", "Report", "inspect", "Inspection", "count_flops",
+           "__version__"]

@@ -80,8 +80,8 @@ class TimeInfo:
         """Input frames by which this value's offline frames trail the stream (per-frame values),
         or input frames needed before it is valid (clip values)."""
         if self.kind == CLIP:
-            return self.ready
-        return math.ceil(self.warmup / self.rate) if self.kind == TIME else 0
+            return int(self.ready)
+        return int(sympy.ceiling(self.warmup / self.rate)) if self.kind == TIME else 0
 
 
 STATIC_INFO = TimeInfo(STATIC)

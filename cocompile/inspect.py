@@ -1,0 +1,140 @@
+"""inspect(): a per-layer report of what the compiler made of each temporal op."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import module_path, op_name
+from .model import ContinualModel
+from .ops.registry import rule_for
+from .ops.window import WindowRule
+from .step import StepInterpreter
+from .timeinfo import META, STATE_META, TimeInfo
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One row: a node that keeps state, reads a temporal window, or does arithmetic."""
+
+    module: str
+    op: str
+    window: str          # kernel/stride/padding/dilation along time ("clip" for clip reductions)
+    lag: int             # input frames this value trails the stream (per-frame) or needs (clip)
+    rf: int              # receptive field in input frames
+    state_bytes: int     # per stream
+    flops_step: int
+    flops_clip: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    layers: list[Layer]
+    step_frames: int
+    clip_length: int
+
+    @property
+    def flops_step(self) -> int:
+        return sum(r.flops_step for r in self.layers)
+
+    @property
+    def flops_clip(self) -> int:
+        return sum(r.flops_clip for r in self.layers)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(r.state_bytes for r in self.layers)
+
+    def __str__(self) -> str:
+        head = f"{'module':<28}{'op':<26}{'k/s/p/d (time)':<16}{'lag':>5}{'rf':>5}{'state B':>10}" \
+               f"{'FLOPs/step':>13}{'FLOPs/clip':>13}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            rows.append(f"{r.module[:27]:<28}{r.op[:25]:<26}{r.window:<16}{r.lag:>5}{r.rf:>5}"
+                        f"{r.state_bytes:>10}{r.flops_step:>13,}{r.flops_clip:>13,}")
+        ideal = self.flops_clip * self.step_frames / self.clip_length
+        rows.append("-" * len(head))
+        rows.append(f"total: {self.flops_step:,} FLOPs per step of {self.step_frames} frames vs "
+                    f"{self.flops_clip:,} per clip of {self.clip_length} "
+                    f"(ideal {ideal:,.0f}; step/ideal {self.flops_step / ideal if ideal else 0:.3f}); "
+                    f"state {self.state_bytes:,} bytes per stream")
+        return "\n".join(rows)
+
+
+class _Counting:
+    """Mixin for fx interpreters: FLOPs of every node (torch.utils.flop_counter)."""
+
+    def run_node(self, node):
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(node)
+        self.flops[node.name] = counter.get_total_flops()
+        return out
+
+
+class _ClipCounter(_Counting, fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.flops = {}
+
+
+class _StepCounter(_Counting, StepInterpreter):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.flops = {}
+
+
+@torch.no_grad()
+def count_flops(co: ContinualModel, batch_size: int = 1) -> tuple[dict, dict]:
+    """FLOPs per node for one step (from the zero state) and for the offline clip."""
+    prog = co.program
+    clip = torch.randn(co._chunk_shape(batch_size, co.clip_length), dtype=co.dtype)
+    offline = _ClipCounter(prog.gm)
+    offline.run(*prog._args(clip))
+    state = co.initial_state(batch_size)
+    named = {s.name: t for s, t in zip(co.specs[1:], state[1:])}
+    step = _StepCounter(prog.gm, "step", named, state[0], co.clip_length)
+    step.run(*prog._args(clip.narrow(co.time_dim, 0, co.step_frames)))
+    return step.flops, offline.flops
+
+
+def _window(node) -> str:
+    rule = rule_for(node.target)
+    x = node.args[0].meta.get(META) if node.args and isinstance(node.args[0], fx.Node) else None
+    out = node.meta.get(META)
+    out = out[0] if isinstance(out, tuple) else out
+    if isinstance(out, TimeInfo) and out.kind == "clip" and isinstance(x, TimeInfo) and x.is_time:
+        return f"clip ({x.length})"
+    if isinstance(rule, WindowRule) and isinstance(x, TimeInfo) and x.is_time:
+        w = rule.window(node, x.dim)
+        if w is not None:
+            return f"{w.kernel}/{w.stride}/{w.left}/{w.dilation}"
+    if op_name(node) == "delay_frames":
+        return f"delay {node.args[1]}"
+    return ""
+
+
+def inspect(co: ContinualModel) -> Inspection:
+    """Per-layer table of a compiled model: temporal window, lag, receptive field, state, FLOPs.
+
+    >>> print(cocompile.inspect(co))
+    """
+    step, clip = count_flops(co)
+    rows = []
+    for node in co.program.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        info = node.meta.get(META)
+        info = info[0] if isinstance(info, tuple) else info
+        states = node.meta.get(STATE_META, {}).values()
+        state_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in states)
+        window = _window(node)
+        if not (window or state_bytes or step.get(node.name) or clip.get(node.name)):
+            continue
+        lag = info.lag() if isinstance(info, TimeInfo) else 0
+        rf = info.rf if isinstance(info, TimeInfo) else 0
+        rows.append(Layer(module_path(node) or "<top>", op_name(node), window, lag, rf, state_bytes,
+                          int(step.get(node.name, 0)), int(clip.get(node.name, 0))))
+    return Inspection(rows, co.step_frames, co.clip_length)
