@@ -70,17 +70,19 @@ def example_args(co, batch: int = 2, seed: int | None = None) -> tuple[torch.Ten
 
 
 def export_program(co) -> torch.export.ExportedProgram:
-    """torch.export the explicit step with the batch axis dynamic on every input."""
-    args = example_args(co)
+    """torch.export the explicit step with the batch axis dynamic on every input (or fixed to the
+    batch size the model pinned, see metadata.compiled_batch)."""
+    fixed = md.compiled_batch(co)
+    args = example_args(co, fixed or 2)
     batch = Dim("batch")
-    dynamic = ({0: batch}, tuple({0: batch} for _ in args[1:]))
+    dynamic = None if fixed else ({0: batch}, tuple({0: batch} for _ in args[1:]))
+    if fixed:
+        warnings.warn(f"the model pins the batch size to {fixed}, so the artifact serves exactly "
+                      f"{fixed} stream(s) per call", stacklevel=3)
     try:
         return torch.export.export(ExplicitStep(co.program), args, dynamic_shapes=dynamic)
-    except Exception as err:  # noqa: BLE001 - report torch's first line, with the fix
-        raise CompileError(f"torch.export could not trace the step with a dynamic batch: "
-                           f"{_first_line(err)}",
-                           hint="make the model exportable with a dynamic batch axis "
-                                "(torch.export.export(model, (clip,), dynamic_shapes=...))") from None
+    except Exception as err:  # noqa: BLE001 - report torch's first line
+        raise CompileError(f"torch.export could not trace the step: {_first_line(err)}") from None
 
 
 # -- .pt2 ------------------------------------------------------------------------------------------
@@ -113,9 +115,10 @@ def finish_onnx(model, co):
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    _name_all(graph.inputs, md.input_names(co))
+    batch = md.compiled_batch(co) or "batch"
+    _name_all(graph.inputs, md.input_names(co), batch)
     graph.outputs = _distinct_outputs(graph)
-    _name_all(graph.outputs, md.all_output_names(co))
+    _name_all(graph.outputs, md.all_output_names(co), batch)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = "cocompile", md.cocompile_version()
@@ -126,14 +129,14 @@ def finish_onnx(model, co):
     return out
 
 
-def _name_all(tensors, names: list[str]) -> None:
+def _name_all(tensors, names: list[str], batch) -> None:
     if len(tensors) != len(names):
         raise CompileError(f"internal error: the ONNX graph has {len(tensors)} inputs/outputs, "
                            f"expected {len(names)} ({names[:3]}...)")
     for tensor, name in zip(tensors, names):
         tensor.name = name
         if tensor.shape:
-            tensor.shape[0] = "batch"
+            tensor.shape[0] = batch
 
 
 def _distinct_outputs(graph) -> list:
@@ -158,6 +161,7 @@ def write_torchscript(co, path: str) -> None:
     gm = scriptable(export_program(co).module())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
         try:
             module = torch.jit.script(gm)
         except Exception as err:  # noqa: BLE001 - tracing keeps the sizes the graph reads
@@ -185,7 +189,7 @@ def scriptable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _check_batches(module, co) -> None:
     """The TorchScript step must serve any batch size, not the one it was built with."""
-    for batch in (1, 3):
+    for batch in (md.compiled_batch(co),) if md.compiled_batch(co) else (1, 3):
         args = example_args(co, batch, seed=batch)
         want, got = co.program(*args), module(*args)
         if any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -225,6 +229,7 @@ def check_artifact(co, path: str, steps: int | None = None, batch: int = 2, seed
 
     run = load_artifact(path).run
     steps = 3 * co.clip_length if steps is None else steps
+    batch = md.compiled_batch(co) or batch
     names = md.all_output_names(co)
     g = torch.Generator().manual_seed(seed)
     state, worst = co.initial_state(batch), (0.0, "-")

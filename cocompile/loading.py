@@ -96,8 +96,23 @@ def _from_export(path: str) -> LoadedModel:
     if extra[md.EXTRA_FILE]:
         raise InputError(f"{path} is a cocompile artifact (one continual step), not an offline model; "
                          "pass the original model")
-    example = _example_of(ep)
-    return LoadedModel(ep.module(), example, f"torch.export archive {path}")
+    return LoadedModel(plain_module(ep), _example_of(ep), f"torch.export archive {path}")
+
+
+def plain_module(ep) -> torch.fx.GraphModule:
+    """ep.module() as a plain GraphModule in eval mode, without the shape guards of the export.
+
+    The module ep.module() returns refuses eval() (which compile() calls), and its guards pin the
+    batch size of archives exported with a static batch. Dropping them is safe: compile()
+    re-exports the graph with a symbolic batch and falls back to the fixed one if any op pins it."""
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+    model = torch.fx.GraphModule(gm, graph)
+    model.delete_all_unused_submodules()
+    return model.eval()
 
 
 def _example_of(ep) -> torch.Tensor | None:

@@ -12,6 +12,9 @@ Validity rule (the same one `ContinualModel` and `cocompile.runtime` apply):
   (including that step's);
 * "static" outputs do not depend on the frames and are always valid.
 
+"batch" is null when the artifact serves any number of streams at once (the usual case), or the
+one batch size it serves when the model pinned it (e.g. a reshape to a literal batch size).
+
 >>> meta = metadata(co)
 >>> meta["step_frames"], [s["name"] for s in meta["states"]][:2]
 (2, ['state.frames', 'state.c1'])
@@ -67,6 +70,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def compiled_batch(co) -> int | None:
+    """None when the step serves any batch size; the one it serves when the model pinned it."""
+    prog = co.program
+    node = next(n for n in prog.gm.graph.nodes if n.op == "placeholder" and n.name == prog.input_name)
+    size = node.meta["val"].shape[0]
+    return size if isinstance(size, int) else None
+
+
 def _exactness(info) -> str:
     if info.approx:
         return "approximate"
@@ -82,8 +93,8 @@ def _valid_from_step(info, step_frames: int) -> int:
     return 0
 
 
-def _output(name: str, info, shape, step_frames: int) -> dict:
-    entry = {"name": name, "kind": info.kind, "shape": [None, *shape[1:]],
+def _output(name: str, info, shape, step_frames: int, batch: int | None) -> dict:
+    entry = {"name": name, "kind": info.kind, "shape": [batch, *shape[1:]],
              "exactness": _exactness(info), "delay": int(info.lag()),
              "valid_from_step": _valid_from_step(info, step_frames)}
     if info.kind == TIME:
@@ -95,16 +106,16 @@ def _output(name: str, info, shape, step_frames: int) -> dict:
     return entry
 
 
-def _state(spec) -> dict:
-    return {"name": spec.name, "output": next_state_name(spec.name), "shape": [None, *spec.shape],
+def _state(spec, batch: int | None) -> dict:
+    return {"name": spec.name, "output": next_state_name(spec.name), "shape": [batch, *spec.shape],
             "dtype": dtype_name(spec.dtype), "init": spec.init, "doc": spec.doc}
 
 
-def _output_shapes(co) -> list[tuple]:
-    """Shapes of one step's outputs at batch 1 (from running one step on the zero state)."""
-    shape = co._chunk_shape(1, co.step_frames)
+def _output_shapes(co, batch: int) -> list[tuple]:
+    """Shapes of one step's outputs (from running one step on the zero state)."""
+    shape = co._chunk_shape(batch, co.step_frames)
     with torch.no_grad():
-        outs, _ = co.step(torch.zeros(shape, dtype=co.dtype), co.initial_state(1))
+        outs, _ = co.step(torch.zeros(shape, dtype=co.dtype), co.initial_state(batch))
     return [tuple(t.shape) for t in pytree.tree_leaves(outs)]
 
 
@@ -115,9 +126,11 @@ def cocompile_version() -> str:
 
 def metadata(co) -> dict:
     """The JSON-ready description of a ContinualModel's step (see the module docstring)."""
-    chunk = co._chunk_shape(None, co.step_frames)
-    shapes = _output_shapes(co)
-    outputs = [_output(n, i, s, co.step_frames) for n, i, s in zip(output_names(co), co.out_infos, shapes)]
+    batch = compiled_batch(co)
+    chunk = co._chunk_shape(batch, co.step_frames)
+    shapes = _output_shapes(co, batch or 1)
+    outputs = [_output(n, i, s, co.step_frames, batch)
+               for n, i, s in zip(output_names(co), co.out_infos, shapes)]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "versions": {"cocompile": cocompile_version(), "torch": torch.__version__},
@@ -127,7 +140,8 @@ def metadata(co) -> dict:
         "inputs": [{"name": INPUT_NAME, "shape": chunk, "dtype": dtype_name(co.dtype),
                     "batch_axis": 0, "time_axis": co.time_dim}],
         "outputs": outputs,
-        "states": [_state(s) for s in co.specs],
+        "batch": batch,
+        "states": [_state(s, batch) for s in co.specs],
         "frame_counter": co.specs[0].name,
         "output_structure": pytree.treespec_dumps(co.out_spec),
         "exactness_classes": EXACTNESS,

@@ -71,14 +71,17 @@ class Session:
         self.chunk_shape = tuple(x["shape"][1:])
         self.frame_shape = tuple(s for i, s in enumerate(x["shape"]) if i not in (0, self.time_axis))
         self.states = self.meta["states"]
+        self.fixed_batch = self.meta.get("batch")      # None: any batch size
         self.outputs = [OutputInfo.from_meta(o) for o in self.meta["outputs"]]
         self.input_names = [self.input_name] + [s["name"] for s in self.states]
         self.output_names = [o.name for o in self.outputs] + [s["output"] for s in self.states]
         self._check_graph()
 
     # -- explicit state -----------------------------------------------------------------------------
-    def initial_state(self, batch: int = 1) -> tuple[np.ndarray, ...]:
-        """The zero state of `batch` fresh streams (every state's init is "zeros")."""
+    def initial_state(self, batch: int | None = None) -> tuple[np.ndarray, ...]:
+        """The zero state of `batch` fresh streams (every state's init is "zeros"); by default one
+        stream, or the batch size the artifact is fixed to."""
+        batch = batch or self.fixed_batch or 1
         return tuple(np.zeros((batch, *s["shape"][1:]), dtype=s["dtype"]) for s in self.states)
 
     def step(self, x: np.ndarray, state: tuple) -> tuple[tuple, tuple]:
@@ -104,6 +107,9 @@ class Session:
                              f"({self.step_frames} frames on axis {self.time_axis})")
         if x.dtype != self.dtype:
             raise ValueError(f"x has dtype {x.dtype}, expected {self.dtype} (convert with x.astype)")
+        if self.fixed_batch and len(x) != self.fixed_batch:
+            raise ValueError(f"this artifact serves exactly {self.fixed_batch} streams per call "
+                             f"(the model pins its batch size), got a batch of {len(x)}")
 
     def check_state(self, state, batch: int) -> None:
         """state must hold one array per state tensor, each (batch, *shape) of its dtype."""

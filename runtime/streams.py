@@ -26,6 +26,9 @@ class Streams:
     def __init__(self, session, n: int):
         if n < 1:
             raise ValueError(f"need at least one stream, got {n}")
+        if session.fixed_batch and n != session.fixed_batch:
+            raise ValueError(f"this artifact serves exactly {session.fixed_batch} streams (the model "
+                             f"pins its batch size), asked for {n}")
         self.session, self.n = session, n
         self.state = list(session.initial_state(n))
         c = session.step_frames
@@ -64,19 +67,23 @@ class Streams:
 
     # -- internals -----------------------------------------------------------------------------------
     def _step(self, ready: np.ndarray) -> list:
-        """One batched step for the `ready` streams; per stream, its valid outputs."""
-        sess, whole = self.session, len(ready) == self.n
-        chunk = np.moveaxis(self._buf if whole else self._buf[ready], 1, sess.time_axis)
-        state = self.state if whole else [s[ready] for s in self.state]
+        """One batched step for the `ready` streams; per stream, its valid outputs. A fixed-batch
+        artifact steps every stream and keeps the old state of those not ready."""
+        sess = self.session
+        rows = np.arange(self.n) if sess.fixed_batch else ready
+        whole = len(rows) == self.n
+        chunk = np.moveaxis(self._buf if whole else self._buf[rows], 1, sess.time_axis)
+        state = self.state if whole else [s[rows] for s in self.state]
         before = state[self._counter].copy()
         outs, nxt = sess.step(np.ascontiguousarray(chunk), tuple(state))
+        keep = np.isin(rows, ready)
         for s, new in zip(self.state, nxt):
-            if whole:
+            if whole and keep.all():
                 s[...] = new
             else:
-                s[ready] = new
+                s[rows[keep]] = new[keep]
         self._fill[ready] = 0
-        return [self._valid(outs, row, int(before[row])) for row in range(len(ready))]
+        return [self._valid(outs, row, int(before[row])) for row in np.flatnonzero(keep)]
 
     def _valid(self, outs, row: int, frames_before: int):
         """Valid outputs of one stream (batch row `row`) after a step that began at frames_before."""
