@@ -31,10 +31,13 @@ class StepInterpreter(fx.Interpreter):
         return node.meta[META]
 
     def state(self, node, key):
-        return self.states[node.meta[STATE_META][key].name]
+        spec = node.meta[STATE_META][key]
+        t = self.states[spec.name]
+        return t.flatten(0, 1) if spec.fold > 1 else t
 
     def set_state(self, node, key, value):
-        self.next_states[node.meta[STATE_META][key].name] = value
+        spec = node.meta[STATE_META][key]
+        self.next_states[spec.name] = value.unflatten(0, (-1, spec.fold)) if spec.fold > 1 else value
 
     # -- dispatch ------------------------------------------------------------------------------------
     def run_node(self, node):

@@ -25,6 +25,18 @@ def _has_time_input(node) -> bool:
     return any(found)
 
 
+def _per_stream(shape) -> tuple[tuple[int, ...], int]:
+    """(shape without the stream axis, fold) from a captured shape whose axis 0 is k*batch."""
+    lead, rest = shape[0], tuple(int(s) for s in shape[1:])
+    if isinstance(lead, int) or getattr(lead, "is_Integer", False):
+        return rest, 1                              # batch fixed at capture: axis 0 is the batch
+    fold = lead / next(iter(lead.free_symbols))
+    if not fold.is_Integer:
+        raise Refusal(f"axis 0 of a state has size {lead}, not a multiple of the batch",
+                      "keep the batch (times a constant) on axis 0")
+    return ((int(fold),) + rest if fold > 1 else rest), int(fold)
+
+
 def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
     """Collect and name the states of every node (`an` is the finished TimeAnalysis)."""
     specs, used = [FRAMES], {FRAMES.name}
@@ -35,6 +47,8 @@ def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
         an._rule, an._node = rule, node
         try:
             wanted = rule.states(node, an)
+            for key, (shape, dtype, doc) in wanted.items():
+                wanted[key] = (_per_stream(shape), dtype, doc)
         except Refusal as r:
             raise error_at(node, r.reason, r.hint) from None
         finally:
@@ -49,7 +63,7 @@ def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
             while name in used:
                 name, i = f"{stem}.{i}", i + 1
             used.add(name)
-            named[key] = StateSpec(name, tuple(int(s) for s in shape), dtype, doc)
+            named[key] = StateSpec(name, shape[0], dtype, doc, fold=shape[1])
             specs.append(named[key])
         if named:
             node.meta[STATE_META] = named

@@ -53,18 +53,18 @@ def last_frames(x: torch.Tensor, t: int, n: int) -> torch.Tensor:
     return x.narrow(t, x.shape[t] - n, n)
 
 
-def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple[int, ...]:
-    """Shape, without the batch dim, of `frames` frames of the value `node` (a state's shape)."""
+def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple:
+    """Shape of `frames` frames of the value `node` (a state's shape). Axis 0 stays as captured:
+    the batch symbol, or a multiple of it where the model folds e.g. persons into the batch."""
     shape = list(_shape(node))
     if isinstance(info.outer, sympy.Expr) and not info.outer.is_Integer:
         raise Refusal("time is merged with the batch axis here, so a per-stream state cannot be kept",
                       "keep batch and time on separate axes around temporal ops")
     shape[info.dim] = int(info.outer) * frames * info.inner
-    rest = shape[1:]
-    if any(not isinstance(s, int) for s in rest):
+    if any(not isinstance(s, int) for s in shape[1:]):
         raise Refusal(f"a state would need a batch-dependent shape {shape}",
                       "keep the batch on axis 0 and out of other axes")
-    return tuple(rest)
+    return tuple(shape)
 
 
 def _shape(node):

@@ -37,7 +37,7 @@ def locate_time(in_shape: list, x: TimeInfo, out_shape: list) -> TimeInfo:
         inner = sympy.simplify(stride / _prod(out_shape[k + 1:]))
         if not _integer(inner):
             continue
-        outer = sympy.simplify(sympy.Integer(out_shape[k]) / (inner * x.length))
+        outer = sympy.simplify(sympy.sympify(out_shape[k]) / (inner * x.length))
         if _integer(outer):
             found.append((outer != 1 or inner != 1, k, outer, inner))
     if not found:

@@ -24,13 +24,16 @@ RULES: dict[object, "OpRule"] = {}
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One state tensor: shape without the (dynamic) batch dim, dtype, and what it holds."""
+    """One state tensor: shape without the (dynamic) batch dim, dtype, and what it holds.
+    fold > 1: the graph keeps this value with `fold` rows per stream on axis 0 (e.g. persons folded
+    into the batch); the state stores them as its own axis 1 so that axis 0 is the stream."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     doc: str
     init: str = "zeros"
+    fold: int = 1
 
 
 class OpRule:

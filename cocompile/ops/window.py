@@ -166,7 +166,7 @@ class WindowRule(OpRule):
         fill, exclude = self.pad_value(node), self.exclude_pad(node)
         if not (exclude or (win.left > 0 and (fill != 0.0 or x_info.warmup > 0))):
             return self.run(node, args, buf, d)
-        pad = padding_frames(ctx, x_info, -p.state, buf.shape[d])
+        pad = padding_frames(ctx, x_info, -p.state, buf.shape[d], buf.shape[0])
         view = [pad.shape[0]] + [1] * (buf.dim() - 1)
         view[d] = buf.shape[d]
         buf = torch.where(pad.view(view), torch.full_like(buf, fill), buf)
@@ -178,12 +178,15 @@ class WindowRule(OpRule):
         return out
 
 
-def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int) -> torch.Tensor:
-    """[batch, n] mask of the frames of a buffer that come before the value's offline frame 0 (or,
-    in the flush, after its last); the buffer starts `offset` frames after the chunk's first."""
+def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int) -> torch.Tensor:
+    """[rows, n] mask of the frames of a buffer that come before the value's offline frame 0 (or,
+    in the flush, after its last); the buffer starts `offset` frames after the chunk's first.
+    rows = batch * k where the model folds k rows per stream into axis 0."""
     first = ctx.frames * x_info.rate.p // x_info.rate.q + offset - x_info.warmup
     pos = first[:, None] + torch.arange(n, device=first.device)[None, :]
-    return (pos < 0) | (pos >= x_info.length) if ctx.mode == "flush" else pos < 0
+    pad = (pos < 0) | (pos >= x_info.length) if ctx.mode == "flush" else pos < 0
+    fold = rows // pad.shape[0]
+    return pad if fold == 1 else pad[:, None, :].expand(-1, fold, -1).flatten(0, 1)
 
 
 def out_shape(node) -> list:
@@ -335,7 +338,7 @@ class ConstantPad(OpRule):
         x_info = ctx.info(node.args[0])
         if x_info.warmup > 0 and ctx.info(node).warmup < x_info.warmup:
             # the input's warm-up frames stand where this padding's zeros belong: zero them
-            pad = padding_frames(ctx, x_info, 0, y.shape[d])
+            pad = padding_frames(ctx, x_info, 0, y.shape[d], y.shape[0])
             view = [pad.shape[0]] + [1] * (y.dim() - 1)
             view[d] = y.shape[d]
             y = torch.where(pad.view(view), torch.zeros_like(y), y)
