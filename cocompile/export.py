@@ -223,24 +223,26 @@ class E4Report:
 
 
 def check_artifact(co, path: str, steps: int | None = None, batch: int = 2, seed: int = 0) -> E4Report:
-    """E4: step the artifact and `co` side by side from the zero state on `batch` independent
-    random streams for `steps` steps (default 3·T); compare every output and next state."""
+    """E4: step the artifact (on its own state) and `co` side by side from the zero state, on
+    `batch` independent random streams for `steps` steps (default 3·T); compare every output and
+    next state."""
     from .loading import load_artifact
 
     run = load_artifact(path).run
     steps = 3 * co.clip_length if steps is None else steps
     batch = md.compiled_batch(co) or batch
-    names = md.all_output_names(co)
+    names, n = md.all_output_names(co), len(co.out_infos)
     g = torch.Generator().manual_seed(seed)
-    state, worst = co.initial_state(batch), (0.0, "-")
+    ref_state = art_state = co.initial_state(batch)
+    worst = (0.0, "-")
     for _ in range(steps):
         x = torch.randn(co._chunk_shape(batch, co.step_frames), generator=g).to(co.dtype)
         with torch.no_grad():
-            outs, nxt = co.step(x, state)
-        ref = (*pytree.tree_leaves(outs), *nxt)
-        got = run(x, *state)
-        worst = max([worst, *((_rel(a, b), n) for a, b, n in zip(got, ref, names))])
-        state = nxt
+            outs, ref_state = co.step(x, ref_state)
+        got = run(x, *art_state)
+        art_state = tuple(torch.as_tensor(t) for t in got[n:])
+        ref = (*pytree.tree_leaves(outs), *ref_state)
+        worst = max([worst, *((_rel(a, b), name) for a, b, name in zip(got, ref, names))])
     return E4Report(path, steps, batch, worst[0], worst[1])
 
 
