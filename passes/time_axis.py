@@ -108,12 +108,11 @@ class TimeAnalysis:
             return info
         if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
             return STATIC_INFO          # symbolic sizes and other scalars: batch-only arithmetic
-        args = tensor_args(node)
+        infos = [a.meta[META] for a in tensor_args(node)]
+        if not any(isinstance(i, TimeInfo) and i.is_time for i in infos):
+            # no frames flow in: the op runs as captured on constants or clip-level values
+            return static_like(*[i for i in infos if isinstance(i, TimeInfo)])
         rule = rule_for(node.target)
-        infos = [a.meta[META] for a in args]
-        if rule is None or not getattr(rule, "always", False):
-            if not any(isinstance(i, TimeInfo) and i.is_time for i in infos):
-                return static_like(*[i for i in infos if isinstance(i, TimeInfo)])
         if rule is None:
             raise Refusal(f"no continual rule for {node.target} on a value that carries time",
                           "rewrite the model with supported ops, or register a rule with "
