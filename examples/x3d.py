@@ -117,8 +117,7 @@ def main(argv=None) -> dict:
     """Compile and verify X3D without SE (exact), show the SE refusal, then SE with approximate=True."""
     size = parse_size(argv, __doc__)
     clip = example_input(size)
-    sliding = 1 if size == "full" else None      # E2 on one extra step only: full clips are slow
-    out = {"exact": run(f"X3D ({size}, no SE)", build(size, se=False), clip, sliding_steps=sliding)}
+    out = {"exact": run(f"X3D ({size}, no SE)", build(size, se=False), clip)}
     model_se = build(size, se=True)
     try:
         cocompile.compile(model_se, clip)
@@ -126,8 +125,7 @@ def main(argv=None) -> dict:
     except cocompile.CompileError as err:
         out["refusal"] = err
         print(f"\n== X3D ({size}, SE) without approximate=True is refused:\n{err}\n")
-    out["approximate"] = run(f"X3D ({size}, SE, approximate)", model_se, clip, approximate=True,
-                             sliding_steps=sliding)
+    out["approximate"] = run(f"X3D ({size}, SE, approximate)", model_se, clip, approximate=True)
     return out
 
 
