@@ -68,9 +68,9 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def verify(model: torch.nn.Module, co: ContinualModel, clip: torch.Tensor,
            sliding_steps: int | None = None) -> Report:
-    """E1 on `clip` (stepping + flush == model(clip)); E2 on a stream that continues the clip by
-    `sliding_steps` steps (default: one clip's worth): clip-level outputs after every step equal the
-    model on the last T frames (claimed only when no temporal padding is involved).
+    """E1 on `clip` (stepping + flush == model(clip)); E2 on a stream that continues the clip for
+    `sliding_steps` steps once clip-level outputs are valid (default: one clip's worth; 0 skips
+    E2): they equal the model on the last T frames (claimed only without temporal padding).
 
     >>> report = cocompile.verify(model, co, torch.randn(1, 3, 16, 64, 64))
     >>> report.passed
@@ -91,21 +91,24 @@ def verify(model: torch.nn.Module, co: ContinualModel, clip: torch.Tensor,
 
 
 def _sliding(model, co: ContinualModel, clip, steps) -> list[Check]:
-    """E2: for every step boundary t >= T, clip-level outputs vs model(stream[t-T:t])."""
+    """E2: after every step from the first at which the clip-level outputs are valid, compare them
+    with the model on the last T frames, for `steps` steps (default: one clip's worth)."""
     clip_outs = [i for i, info in enumerate(co.out_infos) if info.kind == CLIP]
-    if not clip_outs:
-        return []
     c, T, td = co.step_frames, co.clip_length, co.time_dim
     steps = T // c if steps is None else steps
+    if not clip_outs or steps <= 0:
+        return []
+    first = max([T] + [co.out_infos[i].ready for i in clip_outs])
+    first = -(-first // c) * c                         # whole steps
     shape = list(clip.shape)
-    shape[td] = steps * c
-    extra = torch.randn(shape, dtype=clip.dtype)
-    stream = torch.cat([clip, extra * clip.std() + clip.mean()], td)
+    shape[td] = first - T + steps * c
+    extra = torch.randn(shape, dtype=clip.dtype) * clip.std() + clip.mean()
+    stream = torch.cat([clip, extra], td)
     state, errs = co.initial_state(clip.shape[0]), {i: (0.0, 0.0) for i in clip_outs}
     for k, chunk in enumerate(stream.split(c, dim=td)):
         outs, state = co.step(chunk, state)
         end = (k + 1) * c
-        if end < T or end < max(co.out_infos[i].ready for i in clip_outs):
+        if end < first:
             continue
         ref = pytree.tree_leaves(model(stream.narrow(td, end - T, T)))
         leaves = pytree.tree_leaves(outs)
