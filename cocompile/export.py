@@ -103,7 +103,7 @@ def write_onnx(co, path: str) -> None:
     model = finish_onnx(program.model_proto, co)
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as err:
+    except Exception as err:  # noqa: BLE001 - ValidationError, InferenceError
         raise CompileError(f"the exported ONNX model fails onnx.checker: {_first_line(err)}") from None
     onnx.save(model, path)
 
@@ -119,6 +119,7 @@ def finish_onnx(model, co):
     _name_all(graph.inputs, md.input_names(co), batch)
     graph.outputs = _distinct_outputs(graph)
     _name_all(graph.outputs, md.all_output_names(co), batch)
+    _widen_window_attrs(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = "cocompile", md.cocompile_version()
@@ -137,6 +138,17 @@ def _name_all(tensors, names: list[str], batch) -> None:
         tensor.name = name
         if tensor.shape:
             tensor.shape[0] = batch
+
+
+def _widen_window_attrs(graph) -> None:
+    """ATen broadcasts a 1-element dilation/stride list over the kernel's axes; ONNX wants one
+    entry per axis (torch.onnx copies the list as is, and full_check then rejects the model)."""
+    for node in graph.nodes:
+        rank = len(node.attrs.get("kernel_shape") or ())
+        for key in ("dilations", "strides"):
+            value = node.attrs.get(key)
+            if rank > 1 and value is not None and len(value) == 1:
+                node.attrs[key] = list(value) * rank
 
 
 def _distinct_outputs(graph) -> list:

@@ -37,16 +37,18 @@ class Block3d(nn.Module):
 
 
 class Conv3dNet(nn.Module):
-    """(N, 2, T, H, W) -> (N, 3): padded Conv3d stack with residuals and a mean head."""
+    """(N, 2, T, H, W) -> (N, 3): padded Conv3d stack with a spatial max pool, residuals and a
+    mean head."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv3d(2, 4, 3, padding=1)
+        self.pool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         self.blocks = nn.Sequential(Block3d(4), Block3d(4))
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean((2, 3, 4)))
+        return self.head(self.blocks(self.pool(self.stem(x))).mean((2, 3, 4)))
 
 
 class StridedTCN(nn.Module):
@@ -278,3 +280,28 @@ def test_torchscript_runner_example(compiled, artifacts):
             if w is not None:
                 assert rel_err(g, w) <= E4_RTOL
     co.reset()
+
+
+# -- every example model, every format -------------------------------------------------------------
+EXAMPLE_VARIANTS = [("tcn", {}, False), ("slow_resnet", {}, False), ("r2plus1d", {}, False),
+                    ("x3d", {"se": False}, False), ("x3d", {"se": True}, True)]
+
+
+@pytest.mark.parametrize("name, kwargs, approximate", EXAMPLE_VARIANTS,
+                         ids=["tcn", "slow_resnet", "r2plus1d", "x3d", "x3d-se"])
+def test_examples_e4_every_format(name, kwargs, approximate, tmp_path):
+    """DESIGN.md E4 on the examples (small size): every format, 3·T steps, two streams."""
+    import importlib
+    import sys
+
+    examples = str(EXAMPLE.parent)
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    mod = importlib.import_module(name)
+    model, clip = mod.build("small", **kwargs), mod.example_input("small")
+    co = cocompile.compile(model, clip, time_dim=mod.TIME_DIM, approximate=approximate)
+    for fmt in FORMATS:
+        err = e4(co, str(co.export(tmp_path / f"co_model{fmt}")))
+        print(f"E4 {name}{'-se' if kwargs.get('se') else ''}{fmt}: max rel err {err:.3g}")
+        assert err <= E4_RTOL, fmt
+    onnx.checker.check_model(onnx.load(str(tmp_path / "co_model.onnx")), full_check=True)
