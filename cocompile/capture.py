@@ -36,8 +36,11 @@ def check_example(example, time_dim: int) -> None:
                            hint="pass time_dim= the axis that indexes frames, e.g. 2 for (N, C, T, H, W)")
 
 
-def capture(model: torch.nn.Module, example: torch.Tensor, time_dim: int) -> Captured:
-    """torch.export the model on the example clip; batch stays dynamic where the model allows."""
+def capture(model: torch.nn.Module, example: torch.Tensor, time_dim: int,
+            decompose: bool = False) -> Captured:
+    """torch.export the model on the example clip; batch stays dynamic where the model allows.
+    The graph is torch.export's ATen IR (conv3d, batch_norm, linear, ... stay whole); with
+    `decompose`, the core-ATen decomposition of it (slower to make, more ops have rules)."""
     if model.training:
         warnings.warn("the model is in training mode; cocompile compiles it in eval mode "
                       "(BatchNorm uses running statistics, dropout is off)", stacklevel=3)
@@ -48,7 +51,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor, time_dim: int) -> Cap
     finally:
         for m, mode in modes.items():
             m.training = mode
-    ep = ep.run_decompositions()
+    if decompose:
+        ep = ep.run_decompositions()
     sig = ep.graph_signature
     consts, user = {}, []
     for spec in sig.input_specs:

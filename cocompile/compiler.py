@@ -31,9 +31,19 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
     """
     check_example(example_input, time_dim)
     time_dim %= example_input.dim()
+    try:
+        return _compile(model, example_input, time_dim, step_frames, approximate, trace, False)
+    except CompileError as err:
+        if not err.no_rule:
+            raise
+    # an op without a rule: its core-ATen decomposition may consist of ops that have rules
+    return _compile(model, example_input, time_dim, step_frames, approximate, trace, True)
+
+
+def _compile(model, example_input, time_dim, step_frames, approximate, trace, decompose):
     T = example_input.shape[time_dim]
     # capture: torch.export at the example clip length, eval mode, batch kept dynamic
-    cap = capture(model, example_input, time_dim)
+    cap = capture(model, example_input, time_dim, decompose)
     inputs = {cap.input_name: time_dim}
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
     requirements = TimeAnalysis(cap.gm, inputs, T, approximate).run()

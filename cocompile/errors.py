@@ -21,8 +21,9 @@ class CompileError(Exception):
     """
 
     def __init__(self, reason: str, *, op: str | None = None, module: str | None = None,
-                 source: str | None = None, hint: str | None = None):
+                 source: str | None = None, hint: str | None = None, no_rule: bool = False):
         self.reason, self.op, self.module, self.source, self.hint = reason, op, module, source, hint
+        self.no_rule = no_rule
         lines = [reason]
         if op:
             lines.append(f"  op:     {op}")
@@ -42,6 +43,10 @@ class Refusal(Exception):
     def __init__(self, reason: str, hint: str | None = None):
         super().__init__(reason)
         self.reason, self.hint = reason, hint
+
+
+class NoRule(Refusal):
+    """No rule knows this op; a finer-grained (decomposed) graph may still be compiled."""
 
 
 def module_of(node: torch.fx.Node) -> str:
@@ -79,6 +84,8 @@ def op_name(node: torch.fx.Node) -> str:
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
 
 
-def error_at(node: torch.fx.Node, reason: str, hint: str | None = None) -> CompileError:
+def error_at(node: torch.fx.Node, reason: str, hint: str | None = None,
+             no_rule: bool = False) -> CompileError:
     """A CompileError located at `node`: op, module path and class, user's source line."""
-    return CompileError(reason, op=op_name(node), module=module_of(node), source=source_of(node), hint=hint)
+    return CompileError(reason, op=op_name(node), module=module_of(node), source=source_of(node),
+                        hint=hint, no_rule=no_rule)

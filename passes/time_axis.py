@@ -15,7 +15,7 @@ import sympy
 import torch
 from torch import fx
 
-from cocompile.errors import Refusal, error_at
+from cocompile.errors import NoRule, Refusal, error_at
 from cocompile.ops.registry import OpRule, rule_for
 from cocompile.timeinfo import META, STATIC_INFO, TIME, TimeInfo, is_static, static_like
 
@@ -59,7 +59,7 @@ class TimeAnalysis:
             try:
                 node.meta[META] = getattr(self, f"_{node.op}")(node)
             except Refusal as r:
-                raise error_at(node, r.reason, r.hint) from None
+                raise error_at(node, r.reason, r.hint, isinstance(r, NoRule)) from None
         return self.requirements
 
     # -- what rules call -------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class TimeAnalysis:
             return static_like(*[i for i in infos if isinstance(i, TimeInfo)])
         rule = rule_for(node.target)
         if rule is None:
-            raise Refusal(f"no continual rule for {node.target} on a value that carries time",
+            raise NoRule(f"no continual rule for {node.target} on a value that carries time",
                           "rewrite the model with supported ops, or register a rule with "
                           "cocompile.register_op (see cocompile.ops.registry)")
         self._rule = rule

@@ -40,11 +40,11 @@ def node(gm, name):
 
 def test_analysis_records_axis_rate_warmup_and_receptive_field():
     _, cap, _, req = analysed()
-    convs = [n for n in cap.gm.graph.nodes if n.target == torch.ops.aten.convolution.default]
+    convs = [n for n in cap.gm.graph.nodes if "conv" in str(n.target)]
     stem, body = (n.meta[META] for n in convs)
     assert (stem.dim, stem.rate, stem.length, stem.warmup, stem.rf) == (2, sympy.Rational(1, 2), 8, 0, 3)
     assert (body.rate, body.warmup, body.rf) == (sympy.Rational(1, 2), 2, 3 + 4 * 2)
-    view = next(n for n in cap.gm.graph.nodes if n.target == torch.ops.aten.view.default)
+    view = next(n for n in cap.gm.graph.nodes if str(n.target).startswith(("aten.view", "aten.reshape")))
     merged = view.meta[META]
     assert merged.dim == 0 and merged.inner == 1 and merged.outer.free_symbols   # batch * time
     assert len(req) == 1, "one delay: the residual shortcut"

@@ -173,4 +173,6 @@ class AdaptivePool(OpRule):
 
 
 register_op(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
+            aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+            aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool1d.default,
             aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)(AdaptivePool)

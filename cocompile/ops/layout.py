@@ -60,7 +60,8 @@ class Layout(OpRule):
     absorbs_zero_prefix = True
 
 
-@register_op(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+@register_op(aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+             aten.flatten.using_ints, aten.unflatten.int)
 class View(Layout):
     def time(self, node, an):
         return locate_time(_shape(node.args[0]), an.info(node.args[0]), _shape(node))
@@ -68,7 +69,7 @@ class View(Layout):
     def step(self, node, args, kwargs, ctx):
         x, x_info, out = args[0], ctx.info(node.args[0]), ctx.info(node)
         frames = x.shape[x_info.dim] // (eval_size(x_info.outer, ctx.batch) * x_info.inner)
-        return aten.view.default(x, meta_shape(node, ctx.batch, frames, out))
+        return aten.reshape.default(x, meta_shape(node, ctx.batch, frames, out))
 
 
 @register_op(aten.permute.default)
@@ -130,13 +131,14 @@ class Expand(Layout):
 
 @register_op(aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
              aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
-             aten.empty_like.default, aten.lift_fresh_copy.default, aten.contiguous.default)
+             aten.empty_like.default, aten.lift_fresh_copy.default, aten.contiguous.default,
+             aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
 class SameLayout(Layout):
     def time(self, node, an):
         return an.info(node.args[0])
 
 
-@register_op(aten.split_with_sizes.default, aten.split.Tensor, aten.unbind.int)
+@register_op(aten.split_with_sizes.default, aten.split.Tensor, aten.unbind.int, aten.chunk.default)
 class Split(Layout):
     def time(self, node, an):
         x = an.info(node.args[0])

@@ -63,7 +63,13 @@ class Bmm(MatMul):
     lead = 1
 
 
-@register_op(aten._native_batch_norm_legit_no_training.default)
+def _outputs(node, x):
+    """The op's TimeInfo: one, or the first of a tuple whose other outputs are statistics."""
+    val = node.meta["val"]
+    return (x,) + (None,) * (len(val) - 1) if isinstance(val, (tuple, list)) else x
+
+
+@register_op(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
 class BatchNorm(OpRule):
     def time(self, node, an):
         x = an.info(node.args[0])
@@ -71,20 +77,20 @@ class BatchNorm(OpRule):
             raise Refusal("batch norm over channels that hold time normalises each clip position "
                           "differently (time-position parameters)",
                           "keep time out of the channel axis (e.g. view as (N, C, T) not (N, C*T))")
-        return (x, None, None)
+        return _outputs(node, x)
 
 
-@register_op(aten.native_layer_norm.default)
+@register_op(aten.native_layer_norm.default, aten.layer_norm.default)
 class LayerNorm(OpRule):
     def time(self, node, an):
         x = an.info(node.args[0])
         if x.dim >= node.args[0].meta["val"].dim() - len(node.args[1]):
             raise Refusal("layer norm over an axis that holds time mixes frames",
                           "normalise over feature axes only")
-        return (x, None, None)
+        return _outputs(node, x)
 
 
-@register_op(aten.native_group_norm.default)
+@register_op(aten.native_group_norm.default, aten.group_norm.default)
 class GroupNorm(OpRule):
     def time(self, node, an):
         x = an.info(node.args[0])
@@ -92,10 +98,92 @@ class GroupNorm(OpRule):
             raise Refusal("group norm normalises over the spatial axes, which include time here, "
                           "so every frame depends on the whole clip",
                           "use BatchNorm or a per-frame norm (e.g. fold time into the batch first)")
-        return (x, None, None)
+        return _outputs(node, x)
 
 
-@register_op(aten._softmax.default, aten._log_softmax.default, aten.cumsum.default)
+@register_op(aten.linear.default)
+class Linear(OpRule):
+    """y = x W^T + b over the last axis: frame-local unless time is (merged into) that axis."""
+
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        if x.dim == node.args[0].meta["val"].dim() - 1:
+            raise Refusal(_MIX, _MIX_FIX)
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        return join(an, node, args, lambda arg, info: info.dim, contracted=args[1:2])
+
+
+@register_op(aten.matmul.default)
+class BroadcastMatMul(OpRule):
+    """a[..., m, k] @ b[..., k, n] with broadcast batch axes."""
+
+    def time(self, node, an):
+        a, b = node.args[:2]
+        ia, ib = an.info(a), an.info(b)
+        na, nb, nout = a.meta["val"].dim(), b.meta["val"].dim(), node.meta["val"].dim()
+        if min(na, nb) < 2:
+            raise Refusal("matrix-vector product with time", "use explicit 2-D operands")
+        out_dim = {}
+        for arg, info, n, free in ((a, ia, na, na - 2), (b, ib, nb, nb - 1)):
+            if not info.is_time:
+                continue
+            if info.dim < n - 2:                       # broadcast batch axis: frame-local
+                out_dim[arg] = info.dim + nout - n
+            elif info.dim == free:                     # rows of a, columns of b
+                out_dim[arg] = nout - 2 if arg is a else nout - 1
+            else:
+                raise Refusal(_MIX, _MIX_FIX)
+        if len(out_dim) == 2 and len(set(out_dim.values())) > 1:
+            raise Refusal("both operands of a matrix product carry time (attention over time mixes "
+                          "frames)", "attention over time is not supported by this compiler yet")
+        fixed = [x for x in (a, b) if x not in out_dim]
+        return join(an, node, [a, b], lambda arg, info: out_dim[arg], contracted=fixed)
+
+
+@register_op(aten.einsum.default)
+class Einsum(OpRule):
+    """Frame-local when the time letter survives to the output; contracting it mixes frames."""
+
+    def time(self, node, an):
+        eq, operands = node.args[0].replace(" ", ""), list(node.args[1])
+        if "..." in eq or "->" not in eq:
+            if any(an.info(o).is_time for o in operands):
+                raise Refusal("einsum with '...' or an implicit output on a time-carrying operand",
+                              "write the einsum with explicit letters and '->'")
+        ins, out = eq.split("->")
+        letters = ins.split(",")
+        times = {letters[i][an.info(o).dim] for i, o in enumerate(operands) if an.info(o).is_time}
+        if len(times) > 1:
+            raise Refusal("einsum operands carry time on different letters (attention over time)",
+                          "attention over time is not supported by this compiler yet")
+        letter = times.pop()
+        if letter not in out:
+            raise Refusal(_MIX, _MIX_FIX)
+        for i, o in enumerate(operands):
+            if not an.info(o).is_time and letter in letters[i]:
+                raise Refusal("a constant operand of the einsum is indexed by time "
+                              "(time-position constant)", "make it the same for every frame")
+        fixed = [o for o in operands if not an.info(o).is_time]
+        return join(an, node, operands, lambda arg, info: out.index(letter), contracted=fixed)
+
+
+@register_op(aten.scaled_dot_product_attention.default)
+class Attention(OpRule):
+    """Attention within each frame (time on a leading axis) is frame-local."""
+
+    def time(self, node, an):
+        q, k, v = node.args[:3]
+        infos = [an.info(t) for t in (q, k, v)]
+        nd = q.meta["val"].dim()
+        if any(i.is_time and i.dim >= nd - 2 for i in infos):
+            raise Refusal("attention over the time axis (query/key positions are frames)",
+                          "attention over time is not supported by this compiler yet")
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        return join(an, node, args, lambda arg, info: info.dim)
+
+
+@register_op(aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
+             aten.softmax.int, aten.log_softmax.int)
 class AlongAxis(OpRule):
     """Ops that mix values along one axis: fine unless that axis is time."""
 

@@ -25,6 +25,7 @@ from ..timeinfo import TimeInfo
 from .clip import ClipWindow
 from .frames import cat_frames, frames_shape, last_frames
 from .registry import OpRule, register_op
+from .schema import bind, call
 
 aten = torch.ops.aten
 
@@ -217,54 +218,73 @@ def _with(values, j: int, v, n: int) -> list:
     return vals
 
 
-@register_op(aten.convolution.default)
+@register_op(aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+             aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 class Convolution(WindowRule):
-    """conv1d/2d/3d: time on a spatial axis is a window; time on the batch axis is frame-local."""
+    """conv1d/2d/3d: time on a spatial axis is a window; time on the batch axis is frame-local.
+    Every form runs as aten.convolution with numeric padding."""
+
+    def conv_args(self, node, args=None, kwargs=None) -> dict:
+        a = bind(node.target, node.args if args is None else args, node.kwargs if kwargs is None else kwargs)
+        n = node.args[1].meta["val"].dim() - 2
+        a.setdefault("transposed", False)
+        a.setdefault("output_padding", [0] * n)
+        if isinstance(a["padding"], str):
+            a["padding"] = _same_padding(a["padding"], node, n, a["dilation"])
+        return a
 
     def window(self, node, d):
-        _, weight, _, stride, padding, dilation, transposed = node.args[:7]
+        a = self.conv_args(node)
         if d == 0:
             return None
         if d == 1:
             raise Refusal("convolution over an axis that holds time as channels mixes frames",
                           "pass time_dim= the axis that is time, and keep it out of the channel axis")
-        if transposed:
+        if a["transposed"]:
             raise Refusal("transposed convolution (upsampling) along time is not supported",
                           "upsample along time with repeat_interleave of a per-frame value instead")
-        j, kernel = d - 2, int(weight.meta["val"].shape[d])
-        pad = _entry(padding, j, 0)
-        return Window(kernel, _entry(stride, j, 1), _entry(dilation, j, 1), pad, pad)
+        j, kernel = d - 2, int(node.args[1].meta["val"].shape[d])
+        pad = _entry(a["padding"], j, 0)
+        return Window(kernel, _entry(a["stride"], j, 1), _entry(a["dilation"], j, 1), pad, pad)
 
     def covers_clip(self, node, x, win):
         return False                             # a conv stays per-frame; see DESIGN §4
 
     def run(self, node, args, buf, d):
-        args = list(args)
-        args[0] = buf
+        a = self.conv_args(node, args, {})
+        a["input"] = buf
         if d is not None:
-            args[4] = _with(args[4], d - 2, 0, buf.dim() - 2)
-        return aten.convolution.default(*args)
+            a["padding"] = _with(a["padding"], d - 2, 0, buf.dim() - 2)
+        return aten.convolution.default(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
+                                        a["dilation"], a["transposed"], a["output_padding"], a["groups"])
+
+
+def _same_padding(mode: str, node, n: int, dilation) -> list:
+    """Numeric padding of padding='valid'/'same' (symmetric only; torch pads 'same' with even
+    extents more on the right, which a per-axis padding cannot say)."""
+    if mode == "valid":
+        return [0] * n
+    kernel = list(node.args[1].meta["val"].shape[2:])
+    ext = [_entry(dilation, j, 1) * (int(kernel[j]) - 1) for j in range(n)]
+    if any(e % 2 for e in ext):
+        raise Refusal("padding='same' with an even kernel extent pads unevenly",
+                      "use an odd kernel, or explicit F.pad + padding=0")
+    return [e // 2 for e in ext]
 
 
 class Pool(WindowRule):
     """avg/max pooling: the last len(kernel) axes are pooled."""
 
-    names: tuple = ()
-    defaults: tuple = ()
-
     def arg(self, node, name):
-        i = self.names.index(name)
-        if len(node.args) > i:
-            return node.args[i]
-        return node.kwargs.get(name, self.defaults[i])
+        return bind(node.target, node.args, node.kwargs).get(name)
 
     def window(self, node, d):
         kernel = list(self.arg(node, "kernel_size"))
         j = d - (node.args[0].meta["val"].dim() - len(kernel))
         if j < 0:
             return None
-        stride = list(self.arg(node, "stride")) or kernel
-        dil = list(self.arg(node, "dilation")) if "dilation" in self.names else [1]
+        stride = list(self.arg(node, "stride") or []) or kernel
+        dil = list(self.arg(node, "dilation") or [1])
         pad = _entry(self.arg(node, "padding"), j, 0)
         win = Window(_entry(kernel, j, 1), _entry(stride, j, 1), _entry(dil, j, 1), pad, pad)
         if self.arg(node, "ceil_mode") and win.kernel * win.stride > 1:
@@ -273,34 +293,33 @@ class Pool(WindowRule):
         return win
 
     def run(self, node, args, buf, d):
-        values = [self.arg(node, n) for n in self.names]
-        values[0] = buf
+        values = bind(node.target, args, {})
+        values["self"] = buf
+        nk = len(values["kernel_size"])
+        # full-length lists: exporters copy one-element lists literally (ONNX wants one per axis)
+        values["stride"] = list(values["stride"]) or list(values["kernel_size"])
+        for key in ("stride", "padding", "dilation"):
+            if key in values and len(values[key]) == 1:
+                values[key] = list(values[key]) * nk
         if d is not None:
-            nk = len(values[1])
-            values[3] = _with(values[3], d - (buf.dim() - nk), 0, nk)
-        return node.target(*values)
+            values["padding"] = _with(values["padding"], d - (buf.dim() - nk), 0, nk)
+        return call(node.target, values)
 
 
-@register_op(aten.avg_pool2d.default, aten.avg_pool3d.default)
+@register_op(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
 class AvgPool(Pool):
-    names = ("self", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-             "divisor_override")
-    defaults = (None, None, [], [0], False, True, None)
-
     def exclude_pad(self, node):
         return not self.arg(node, "count_include_pad") and self.arg(node, "divisor_override") is None
 
 
-@register_op(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
+@register_op(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+             aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
 class MaxPool(Pool):
-    names = ("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
-    defaults = (None, None, [], [0], [1], False)
-
     def pad_value(self, node):
         return float("-inf")
 
 
-@register_op(aten.constant_pad_nd.default)
+@register_op(aten.constant_pad_nd.default, aten.pad.default)
 class ConstantPad(OpRule):
     """Zero padding along time only shifts the stream: the left pad becomes negative warm-up (zeros
     that the consumer's zero state absorbs), the right pad is emitted at the flush."""
@@ -314,11 +333,14 @@ class ConstantPad(OpRule):
 
     def time(self, node, an):
         x = an.info(node.args[0])
-        left, right = self._time_pad(list(node.args[1]), node.args[0].meta["val"].dim(), x.dim)
+        a = bind(node.target, node.args, node.kwargs)
+        left, right = self._time_pad(list(a["pad"]), node.args[0].meta["val"].dim(), x.dim)
         if (left, right) == (0, 0):
             return an.aligned(node.args[0], max(x.warmup, 0))
-        value = node.args[2] if len(node.args) > 2 else 0.0
-        if x.merged or value != 0:
+        if a.get("mode", "constant") != "constant":
+            raise Refusal(f"{a['mode']} padding along time reads frames the stream has not seen "
+                          "(or the clip's far end)", "pad time with zeros (mode='constant')")
+        if x.merged or (a.get("value") or 0) != 0:
             raise Refusal("padding along time with a non-zero value (or along a merged axis)",
                           "pad time with zeros, e.g. F.pad(x, (...), value=0)")
         out = x.replace(length=x.length + left + right, warmup=x.warmup - left,
@@ -329,13 +351,15 @@ class ConstantPad(OpRule):
         return out
 
     def step(self, node, args, kwargs, ctx):
-        x, d = args[0], ctx.info(node.args[0]).dim
-        pads = list(args[1])
+        x, x_info = args[0], ctx.info(node.args[0])
+        d = x_info.dim
+        a = bind(node.target, args, kwargs)
+        pads = list(a["pad"])
         j = x.dim() - 1 - d
         if 2 * j + 1 < len(pads):
             pads[2 * j] = pads[2 * j + 1] = 0
-        y = aten.constant_pad_nd.default(x, pads, *args[2:]) if any(pads) else x
-        x_info = ctx.info(node.args[0])
+        a["pad"] = pads
+        y = call(node.target, a) if any(pads) else x
         if x_info.warmup > 0 and ctx.info(node).warmup < x_info.warmup:
             # the input's warm-up frames stand where this padding's zeros belong: zero them
             pad = padding_frames(ctx, x_info, 0, y.shape[d], y.shape[0])
