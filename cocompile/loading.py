@@ -28,7 +28,7 @@ import torch
 
 from . import metadata as md
 
-FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+FACTORY = re.compile(r"^([A-Za-z_][\w.]*|[\w./\\-]+\.py):[A-Za-z_]\w*$")
 PICKLE_PROTOCOL = b"\x80"
 
 
@@ -149,8 +149,13 @@ def _from_pickle(path: str, trust: bool) -> LoadedModel:
 
 
 def _from_factory(spec: str, weights: str | None) -> LoadedModel:
-    mod_name, fn_name = spec.split(":")
-    if os.getcwd() not in sys.path:
+    mod_name, fn_name = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):             # path/to/file.py:factory imports file from its folder
+        if not os.path.exists(mod_name):
+            raise InputError(f"{mod_name}: no such file")
+        folder, mod_name = os.path.split(os.path.abspath(mod_name[:-3]))
+        sys.path.insert(0, folder)
+    elif os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
