@@ -53,6 +53,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor, time_dim: int,
             m.training = mode
     if decompose:
         ep = ep.run_decompositions()
+    ep.graph_module.graph.eliminate_dead_code()     # e.g. unused max-pool indices
+    ep.graph_module.recompile()
     sig = ep.graph_signature
     consts, user = {}, []
     for spec in sig.input_specs:

@@ -61,6 +61,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "compile":
         p.add_argument("--out", required=True, help="artifact to write: .onnx, .pt (TorchScript) or .pt2")
         p.add_argument("--no-verify", action="store_true", help="skip the E1/E4 checks")
+        p.add_argument("--triton-repo", metavar="DIR",
+                       help="also write a Triton model repository for the .onnx artifact")
     if command == "bench":
         p.add_argument("--steps", type=int, default=200, help="steps to time (default 200)")
         p.add_argument("--artifact", help="also time this ONNX artifact in onnxruntime")
@@ -122,6 +124,8 @@ def cmd_compile(args) -> int:
     suffix = os.path.splitext(args.out)[1].lower()
     if suffix not in WRITERS:
         raise InputError(f"--out {args.out}: unknown suffix {suffix or '(none)'!r}; use " + ", ".join(WRITERS))
+    if args.triton_repo and suffix != ".onnx":
+        raise InputError("--triton-repo serves the ONNX artifact: use --out NAME.onnx")
     loaded, clip, co = _compile(args)
     report = None
     if not args.no_verify:
@@ -138,6 +142,9 @@ def cmd_compile(args) -> int:
         with phase("checking the artifact (E4)"):
             e4 = check_artifact(co, args.out)
     print(summary(loaded, clip, co, report, e4, args.out))
+    if args.triton_repo:
+        from .triton import write_repository
+        print(f"triton    {write_repository(args.out, args.triton_repo)}")
     return OK if e4 is None or e4.passed else FAILED
 
 

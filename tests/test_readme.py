@@ -1,6 +1,7 @@
 """The README's commands and code run as written, so the docs cannot go stale."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -34,9 +35,12 @@ def test_readme_command(command, tmp_path):
     run = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for produced in ("co_tcn.onnx",):
-        if os.path.exists(os.path.join(ROOT, produced)):
-            os.remove(os.path.join(ROOT, produced))
+    for produced in ("co_tcn.onnx", "triton_repo"):
+        path = os.path.join(ROOT, produced)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 @pytest.mark.parametrize("code", [body for lang, body in BLOCKS if lang == "python"])
