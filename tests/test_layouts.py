@@ -122,3 +122,24 @@ def test_time_on_last_axis_with_per_frame_norm_and_linear():
     clip = torch.randn(3, 4, 12)
     co = cocompile.compile(model, clip[:1], time_dim=2)
     assert cocompile.verify(model, co, clip).passed
+
+
+class GatedTCN(nn.Module):
+    """GLU gating over channels and in-place activations: ops that only the core-ATen
+    decomposition expresses in ruled ops (the compiler falls back to it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=2, dilation=2)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(F.glu(self.conv(x), dim=1))
+
+
+def test_ops_without_rules_fall_back_to_their_decomposition():
+    torch.manual_seed(3)
+    model = GatedTCN().eval()
+    clip = torch.randn(2, 3, 10)
+    co = cocompile.compile(model, clip[:1])
+    assert cocompile.verify(model, co, clip).passed
