@@ -20,7 +20,6 @@ import time
 import warnings
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 import cocompile

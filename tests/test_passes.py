@@ -2,7 +2,7 @@
 import sympy
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from cocompile import ops  # noqa: F401  (registers the rules)
 from cocompile.capture import capture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import Refusal
-from ..timeinfo import TimeInfo
 from .pointwise import join
 from .registry import OpRule, register_op
 
