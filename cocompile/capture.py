@@ -36,16 +36,22 @@ def check_example(example, time_dim: int) -> None:
                            hint="pass time_dim= the axis that indexes frames, e.g. 2 for (N, C, T, H, W)")
 
 
-def capture(model: torch.nn.Module, example: torch.Tensor, time_dim: int,
+def capture(model, example: torch.Tensor, time_dim: int,
             decompose: bool = False) -> Captured:
     """torch.export the model on the example clip; batch stays dynamic where the model allows.
     The graph is torch.export's ATen IR (conv3d, batch_norm, linear, ... stay whole); with
     `decompose`, the core-ATen decomposition of it (slower to make, more ops have rules)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        from .loading import plain_module
+        model = plain_module(model)               # an inference graph without the export's guards
     if model.training:
         warnings.warn("the model is in training mode; cocompile compiles it in eval mode "
                       "(BatchNorm uses running statistics, dropout is off)", stacklevel=3)
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:                   # ExportedProgram.module(): already inference
+        pass
     try:
         ep, dynamic = _export(model, example)
     finally:
