@@ -1,0 +1,112 @@
+"""ST-GCN (examples/stgcn.py) at the paper's size: full widths, NTU-60 clips of T=300 frames, random
+weights, edge importance and BatchNorm statistics. Stepping reproduces the offline model (E1) for the
+strided, stride-1 and matmul-after-view variants; the default step is the lcm of the temporal strides;
+a step costs the frames it brings in; the adaptive-graph (AGCN) variant is refused unless approximate,
+and then its deviation is measured. Oracle: the untouched offline model.
+
+Most of the ~3 minutes is torch.export capturing the ten-block graphs (~25-35 s each on one thread),
+so the AGCN variant, which must be captured twice (refusal, then approximate), runs at the small size.
+"""
+import functools
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import cocompile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import stgcn  # noqa: E402
+
+EXACT = ("strided", "stride1", "matmul")
+
+
+@functools.cache
+def variants() -> dict:
+    """What `python examples/stgcn.py --size full` computes for the three exact variants."""
+    torch.set_num_threads(1)
+    return stgcn.stgcn_variants("full")
+
+
+@functools.cache
+def agcn() -> dict:
+    """The AGCN part of `python examples/stgcn.py --size small`."""
+    return stgcn.agcn("small")
+
+
+def test_ntu_graph_spatial_partitions():
+    A = stgcn.spatial_partitions()
+    assert A.shape == (3, 25, 25)
+    assert torch.equal(A[0] > 0, torch.eye(25, dtype=torch.bool))          # the root subset
+    assert (A[1] > 0).sum() == (A[2] > 0).sum() == 24                     # each edge once each way
+    assert not ((A[1] > 0) & (A[2] > 0)).any()
+    assert torch.equal((A[1] > 0).T, A[2] > 0)     # v nearer the centre than w <=> w farther than v
+    assert torch.allclose(A.sum(dim=(0, 1)), torch.ones(25))             # each root's mean
+    # the centre (joint 21) has no centripetal neighbour; a hand tip only a centripetal one
+    assert A[1, :, 20].sum() == 0 and A[2, :, 21].sum() == 0
+
+
+def test_shapes_and_strides_of_the_full_model():
+    model = stgcn.build("full", "strided")
+    assert [b.tcn[2].stride[0] for b in model.blocks] == [1, 1, 1, 1, 2, 1, 1, 2, 1, 1]
+    assert [b.tcn[2].out_channels for b in model.blocks] == [64, 64, 64, 64, 128, 128, 128, 256, 256, 256]
+    assert stgcn.example_input("full").shape == (1, 3, 300, 25, 2)
+
+
+@pytest.mark.parametrize("variant", EXACT)
+def test_stepping_reproduces_the_offline_model_at_T300(variant):
+    r = variants()[variant]
+    assert r.clip.shape[2] == r.co.clip_length == 300
+    assert r.report.passed and not r.report.approximate, str(r.report)
+    assert r.report.max_error("E1") <= 1e-4 * max(1.0, r.out_scale)
+    assert r.out_scale > 1e-1          # the outputs are not vanishingly small: the check has teeth
+
+
+@pytest.mark.parametrize("variant", ("strided", "matmul"))
+def test_streams_are_independent_in_a_batch(variant):
+    """Independent of verify(): a different batch of two clips, persons folded into the batch."""
+    r = variants()[variant]
+    clip = stgcn.example_input("full", batch=2, seed=1)
+    with torch.no_grad():
+        ref, got = r.model(clip), r.co.forward_steps(clip)
+    assert ref.shape == got.shape == (2, 60)
+    assert (ref - got).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+def test_default_step_is_the_product_of_the_temporal_strides():
+    got = {v: variants()[v].co.step_frames for v in EXACT}
+    assert got == {"strided": 4, "stride1": 1, "matmul": 4}
+
+
+@pytest.mark.parametrize("variant", EXACT)
+def test_step_flops_match_the_frames_it_reads(variant):
+    f = variants()[variant].flops
+    assert f.step > 0
+    assert f.ratio <= 1.1, f"step {f.step} vs clip {f.clip} * {f.step_frames} / {f.clip_length}"
+
+
+def test_stride1_step_against_the_strided_clip():
+    """CoST-GCN reports 107.7x fewer FLOPs per prediction than ST-GCN at T=300."""
+    out = variants()
+    assert out["reduction"] == out["strided"].flops.clip / out["stride1"].flops.step
+    assert 90 < out["reduction"] < 130
+
+
+def test_agcn_is_refused_without_approximate():
+    err = agcn()["refusal"]
+    assert isinstance(err, cocompile.CompileError)
+    assert "blocks.0.gcn" in str(err) and "approximate=True" in str(err)
+
+
+def test_agcn_approximate_reports_its_measured_deviation():
+    r = agcn()["approximate"]
+    assert r.co.approximate and r.report.approximate
+    assert not any(c.claimed for c in r.report.checks if c.name == "E1")
+    err = r.report.max_error("E1")
+    assert math.isfinite(err) and err > 0
+    with torch.no_grad():      # the reported deviation is the real one
+        real = float((r.co.forward_steps(r.clip) - r.model(r.clip)).abs().max())
+    assert err == pytest.approx(real, rel=1e-3, abs=1e-7)
+    assert r.flops.ratio <= 1.1
