@@ -74,6 +74,11 @@ def example_input(size: str = "small", batch: int = 1, seed: int = 0) -> torch.T
     return torch.randn(batch, cfg["channels"], cfg["frames"], generator=g)
 
 
+def full():
+    """The full-size model and its example clip, for the CLI: `cocompile examples/tcn.py:full ...`."""
+    return build("full"), example_input("full")
+
+
 def main(argv=None) -> dict:
     """Compile the TCN, verify E1 on both outputs and report."""
     size = parse_size(argv, __doc__)

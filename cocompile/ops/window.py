@@ -254,7 +254,15 @@ class Convolution(WindowRule):
         a = self.conv_args(node, args, {})
         a["input"] = buf
         if d is not None:
-            a["padding"] = _with(a["padding"], d - 2, 0, buf.dim() - 2)
+            n = buf.dim() - 2
+            a["padding"] = _with(a["padding"], d - 2, 0, n)
+            dil = _entry(a["dilation"], d - 2, 1)
+            kernel = int(node.args[1].meta["val"].shape[d])
+            if dil > 1 and buf.shape[d] == dil * (kernel - 1) + 1:
+                # one output frame: its taps are every dil-th buffered frame; an undilated conv
+                # over them is the same sum and avoids CPU's slow dilated-convolution path
+                a["input"] = aten.slice.Tensor(buf, d, 0, buf.shape[d], dil)
+                a["dilation"] = _with(a["dilation"], d - 2, 1, n)
         return aten.convolution.default(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
                                         a["dilation"], a["transposed"], a["output_padding"], a["groups"])
 
