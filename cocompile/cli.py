@@ -203,28 +203,42 @@ def cmd_bench(args) -> int:
 
 
 def bench_runtime(path: str, steps: int) -> str:
-    """onnxruntime step latency over `steps` steps from the zero state (after 200 untimed warm-up
-    steps), one stream, one thread: median of the first and last thousand (or tenth) steps, to
-    show it stays flat."""
+    """onnxruntime step latency over a stream of `steps` steps from the zero state, one stream, one
+    thread (after 200 untimed warm-up steps). Reports the medians of the first and the last
+    thousand (or tenth) steps, measured twice: in sequence, and interleaved (a fresh stream and
+    the stream at its end step in turn), which cancels the machine's own drift in speed."""
     import numpy as np
 
     from cocompile.runtime import Session
 
     sess = Session(path, threads=1)
-    state = sess.initial_state(1)
     x = np.random.default_rng(0).standard_normal((1, *sess.chunk_shape)).astype(sess.dtype)
-    for _ in range(200):                      # warm-up (allocator, caches), not timed
-        _, state = sess.step(x, state)
-    state = sess.initial_state(1)
-    times = []
-    for _ in range(steps):
+
+    def timed(state):
         t0 = time.perf_counter()
         _, state = sess.step(x, state)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0, state
+
+    state = sess.initial_state(1)
+    for _ in range(200):
+        _, state = timed(state)
     k = max(1, min(1000, steps // 10))
+    late, times = sess.initial_state(1), []
+    for _ in range(steps - k):
+        dt, late = timed(late)
+        times.append(dt)
+    early, pairs = sess.initial_state(1), []
+    for _ in range(k):
+        dt_early, early = timed(early)
+        dt_late, late = timed(late)
+        times.append(dt_late)
+        pairs.append((dt_early, dt_late))
     first, last = float(np.median(times[:k])), float(np.median(times[-k:]))
-    return (f"onnxruntime {os.path.basename(path)}: {steps} steps, median first {k} {first * 1e3:.3f} ms, "
-            f"last {k} {last * 1e3:.3f} ms ({(last / first - 1) * 100:+.1f}%)")
+    e, lt = (float(np.median([p[i] for p in pairs])) for i in (0, 1))
+    name = os.path.basename(path)
+    return (f"onnxruntime {name}: {steps} steps; in sequence: median of steps 1-{k} {first * 1e3:.3f} ms, "
+            f"of steps {steps - k + 1}-{steps} {last * 1e3:.3f} ms ({(last / first - 1) * 100:+.1f}%); "
+            f"interleaved: {e * 1e3:.3f} ms vs {lt * 1e3:.3f} ms ({(lt / e - 1) * 100:+.1f}%)")
 
 
 # -- summary ---------------------------------------------------------------------------------------
