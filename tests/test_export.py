@@ -284,11 +284,12 @@ def test_torchscript_runner_example(compiled, artifacts):
 
 # -- every example model, every format -------------------------------------------------------------
 EXAMPLE_VARIANTS = [("tcn", {}, False), ("slow_resnet", {}, False), ("r2plus1d", {}, False),
-                    ("x3d", {"se": False}, False), ("x3d", {"se": True}, True)]
+                    ("x3d", {"se": False}, False), ("x3d", {"se": True}, True),
+                    ("stgcn", {"variant": "strided"}, False)]
 
 
 @pytest.mark.parametrize("name, kwargs, approximate", EXAMPLE_VARIANTS,
-                         ids=["tcn", "slow_resnet", "r2plus1d", "x3d", "x3d-se"])
+                         ids=["tcn", "slow_resnet", "r2plus1d", "x3d", "x3d-se", "stgcn"])
 def test_examples_e4_every_format(name, kwargs, approximate, tmp_path):
     """DESIGN.md E4 on the examples (small size): every format, 3·T steps, two streams."""
     import importlib
