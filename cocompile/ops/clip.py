@@ -16,6 +16,7 @@ from ..errors import Refusal
 from ..timeinfo import CLIP, TimeInfo
 from .frames import cat_frames, frames_shape, last_frames, split_time, merge_time
 from .registry import OpRule, register_op
+from .schema import bind
 
 aten = torch.ops.aten
 
@@ -48,17 +49,23 @@ class ClipWindow:
         return run(window)
 
 
+@register_op(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+             aten.logsumexp.default, aten.any.dims, aten.var.correction, aten.std.correction,
+             aten.max.dim, aten.min.dim, aten.argmax.default, aten.argmin.default,
+             aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.mean.default, aten.sum.default,
+             aten.max.default, aten.min.default)
 class Reduction(OpRule):
-    """An op over some axes; over time it is a clip reduction, otherwise frame-local."""
-
-    indices = False  # returns (values, indices)
+    """An op over some axes ("dim" in its schema; none given: all); over time it is a clip
+    reduction, otherwise frame-local."""
 
     def axes(self, node) -> list[int] | None:
-        """Axes the op reduces (None: all)."""
-        raise NotImplementedError
+        dims = bind(node.target, node.args, node.kwargs).get("dim")
+        if dims is None or dims == []:
+            return None
+        return [dims] if isinstance(dims, int) else list(dims)
 
     def keepdim(self, node) -> bool:
-        return False
+        return bool(bind(node.target, node.args, node.kwargs).get("keepdim", False))
 
     def _over_time(self, node, x: TimeInfo) -> bool:
         axes, ndim = self.axes(node), node.args[0].meta["val"].dim()
@@ -72,7 +79,7 @@ class Reduction(OpRule):
             ndim = node.args[0].meta["val"].dim()
             gone = 0 if self.keepdim(node) else sum(a % ndim < x.dim for a in self.axes(node))
             out = x.moved(x.dim - gone)
-        return (out, out) if self.indices else out
+        return (out, out) if isinstance(node.meta["val"], (tuple, list)) else out   # (values, indices)
 
     def states(self, node, an):
         x = an.info(node.args[0])
@@ -83,34 +90,6 @@ class Reduction(OpRule):
             return node.target(*args, **kwargs)
         return ClipWindow.step(ctx, node, node.args[0], args[0],
                                lambda w: node.target(w, *args[1:], **kwargs))
-
-
-def _reduction(axes_at, keep_at=None, indices=False, single=False):
-    """Rule class for a reduction whose axes are argument `axes_at` (an int if `single`)."""
-
-    class R(Reduction):
-        def axes(self, node):
-            a = node.args[axes_at] if len(node.args) > axes_at else node.kwargs.get("dim")
-            if a is None or a == []:
-                return None
-            return [a] if single else list(a)
-
-        def keepdim(self, node):
-            if keep_at is None:
-                return False
-            return bool(node.args[keep_at] if len(node.args) > keep_at else node.kwargs.get("keepdim", False))
-
-    R.indices = indices
-    return R
-
-
-register_op(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-            aten.logsumexp.default, aten.any.dims)(_reduction(1, 2))
-register_op(aten.var.correction, aten.std.correction)(_reduction(1, 3))
-register_op(aten.max.dim, aten.min.dim)(_reduction(1, 2, indices=True, single=True))
-register_op(aten.argmax.default, aten.argmin.default)(_reduction(1, 2, single=True))
-register_op(aten.prod.dim_int, aten.any.dim, aten.all.dim)(_reduction(1, 2, single=True))
-register_op(aten.mean.default, aten.sum.default, aten.max.default, aten.min.default)(_reduction(99))
 
 
 @register_op(aten.select.int)
