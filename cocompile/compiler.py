@@ -36,8 +36,12 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
     except CompileError as err:
         if not err.no_rule:
             raise
+        first = err
     # an op without a rule: its core-ATen decomposition may consist of ops that have rules
-    return _compile(model, example_input, time_dim, step_frames, approximate, trace, True)
+    try:
+        return _compile(model, example_input, time_dim, step_frames, approximate, trace, True)
+    except CompileError as err:
+        raise (first if err.no_rule else err) from None    # name the op as the user wrote it
 
 
 def _compile(model, example_input, time_dim, step_frames, approximate, trace, decompose):
