@@ -12,7 +12,7 @@ import torch
 from ..errors import Refusal
 from .registry import OpRule, register_op
 from .schema import bind, call
-from .window import Window, WindowRule, padding_frames
+from .window import Window, WindowRule, zero_padding_frames
 
 aten = torch.ops.aten
 
@@ -60,10 +60,7 @@ class ConstantPad(OpRule):
         y = call(node.target, a) if any(pads) else x
         if x_info.warmup > 0 and ctx.info(node).warmup < x_info.warmup:
             # the input's warm-up frames stand where this padding's zeros belong: zero them
-            pad = padding_frames(ctx, x_info, 0, y.shape[d], y.shape[0])
-            view = [pad.shape[0]] + [1] * (y.dim() - 1)
-            view[d] = y.shape[d]
-            y = torch.where(pad.view(view), torch.zeros_like(y), y)
+            y = zero_padding_frames(ctx, x_info, y, d)
         if ctx.mode == "flush":                  # the right padding, then what is still missing
             missing = ctx.info(node).flush_frames(ctx.clip_length)
             shape = list(y.shape)

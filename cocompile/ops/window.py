@@ -140,6 +140,11 @@ class WindowRule(OpRule):
             return ClipWindow.step(ctx, node, node.args[0], args[0],
                                    lambda w: self.run(node, args, w, None))
         d, p, x = x_info.dim, plan(win, x_info.warmup), args[0]
+        if win.left > 0 and x_info.warmup > 0:
+            # the input's warm-up frames (streamed before its offline frame 0) may come to stand
+            # where this op's zero padding belongs: zero them as they arrive, so that the state,
+            # like its zero initial value, only ever holds padding or real frames
+            x = zero_padding_frames(ctx, x_info, x, d)
         if p.state > 0:
             buf = cat_frames(ctx.state(node, "window"), x, d)
         else:                                   # windows with gaps: skip -S frames of each chunk
@@ -161,23 +166,31 @@ class WindowRule(OpRule):
         return out.narrow(d, 0, missing)
 
     def _masked(self, node, args, buf, d, p, x_info, ctx, win):
-        """Run on `buf`, making sure the frames standing for the op's own padding hold what the
-        padding holds. The zero state already does, but the input's warm-up frames (streamed
-        before its offline frame 0) may stand there too, and max pooling pads with -inf: those
-        frames are located from the stream position (the frame counter) and overwritten."""
+        """Run on `buf` with the op's own padding frames holding what its padding holds: zero
+        (the zero state, and zero_padding_frames) needs nothing more; max pooling's -inf and the
+        divisor of averages that leave padding out are placed from the stream position."""
         fill, exclude = self.pad_value(node), self.exclude_pad(node)
-        if not (exclude or (win.left > 0 and (fill != 0.0 or x_info.warmup > 0))):
+        if fill == 0.0 and not exclude:
             return self.run(node, args, buf, d)
         pad = padding_frames(ctx, x_info, -p.state, buf.shape[d], buf.shape[0])
         view = [pad.shape[0]] + [1] * (buf.dim() - 1)
         view[d] = buf.shape[d]
-        buf = torch.where(pad.view(view), torch.full_like(buf, fill), buf)
+        if fill != 0.0:
+            buf = torch.where(pad.view(view), fill, buf)
         out = self.run(node, args, buf, d)
         if exclude:                              # the step ran without time padding: k frames
             real = (~pad).to(buf.dtype).unfold(1, win.kernel, win.stride).sum(-1)
             view[d] = real.shape[1]
             out = out * (win.kernel / real).view(view)
         return out
+
+
+def zero_padding_frames(ctx, x_info: TimeInfo, x: torch.Tensor, d: int) -> torch.Tensor:
+    """`x` (a chunk of the value `x_info`) with its frames before offline frame 0 set to zero."""
+    pad = padding_frames(ctx, x_info, 0, x.shape[d], x.shape[0])
+    view = [pad.shape[0]] + [1] * (x.dim() - 1)
+    view[d] = x.shape[d]
+    return torch.where(pad.view(view), 0.0, x)      # not a product: warm-up frames may hold inf
 
 
 def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int) -> torch.Tensor:
