@@ -113,6 +113,11 @@ def example_input(size: str = "small", batch: int = 1, seed: int = 0) -> torch.T
     return torch.randn(batch, 3, cfg["frames"], cfg["crop"], cfg["crop"], generator=g)
 
 
+def full():
+    """X3D-M and a 16x224x224 clip, for the CLI: `cocompile bench examples/x3d.py:full`."""
+    return build("full"), example_input("full")
+
+
 def main(argv=None) -> dict:
     """Compile and verify X3D without SE (exact), show the SE refusal, then SE with approximate=True."""
     size = parse_size(argv, __doc__)
