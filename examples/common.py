@@ -34,6 +34,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def video_clip(cfg: dict, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A random clip (N, 3, T, H, W) of the size a video config names (frames, crop)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, cfg["frames"], cfg["crop"], cfg["crop"], generator=g)
+
+
 @dataclass
 class Result:
     """One compiled example: the continual model, its verify report and its FLOPs."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common import parse_size, randomize, run
+from common import parse_size, randomize, run, video_clip
 
 TIME_DIM = 2
 VARIANTS = (("slow_resnet", {}, False),)
@@ -74,9 +74,7 @@ def build(size: str = "small", seed: int = 0) -> SlowResNet:
 
 def example_input(size: str = "small", batch: int = 1, seed: int = 0) -> torch.Tensor:
     """A random clip (N, 3, T, H, W)."""
-    cfg = CONFIGS[size]
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, cfg["frames"], cfg["crop"], cfg["crop"], generator=g)
+    return video_clip(CONFIGS[size], batch, seed)
 
 
 def main(argv=None) -> dict:

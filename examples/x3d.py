@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import cocompile
-from common import parse_size, randomize, run
+from common import parse_size, randomize, run, video_clip
 
 TIME_DIM = 2
 # (label, build kwargs, approximate) for the FLOPs table
@@ -108,9 +108,7 @@ def build(size: str = "small", se: bool = False, seed: int = 0) -> X3D:
 
 def example_input(size: str = "small", batch: int = 1, seed: int = 0) -> torch.Tensor:
     """A random clip (N, 3, T, H, W) of the size the model was built for."""
-    cfg = CONFIGS[size]
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, cfg["frames"], cfg["crop"], cfg["crop"], generator=g)
+    return video_clip(CONFIGS[size], batch, seed)
 
 
 def full():
