@@ -170,8 +170,8 @@ class WindowRule(OpRule):
         (the zero state, and zero_padding_frames) needs nothing more; max pooling's -inf and the
         divisor of averages that leave padding out are placed from the stream position."""
         fill, exclude = self.pad_value(node), self.exclude_pad(node)
-        if fill == 0.0 and not exclude:
-            return self.run(node, args, buf, d)
+        if not (exclude or (fill != 0.0 and win.left > 0)):
+            return self.run(node, args, buf, d)     # (the flush appends its own right padding)
         pad = padding_frames(ctx, x_info, -p.state, buf.shape[d], buf.shape[0])
         view = [pad.shape[0]] + [1] * (buf.dim() - 1)
         view[d] = buf.shape[d]
