@@ -62,3 +62,28 @@ def test_per_frame_outputs_of_a_long_stream_match_the_model_on_the_stream():
     ref = model(stream)[:, :, :got.shape[2]]             # offline on the whole stream
     assert got.shape[2] == N - co.delay
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max())))
+
+
+@torch.no_grad()
+def test_larger_step_frames_give_the_same_outputs():
+    """step_frames may be any multiple of the default: E1 and the per-step values agree."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv1d(3, 6, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.MaxPool1d(3, 1, 1), nn.Conv1d(6, 6, 5, padding=4, dilation=2)).eval()
+    clip = torch.randn(2, 3, 24)
+    base = cocompile.compile(model, clip[:1])
+    for c in (2 * base.step_frames, 3 * base.step_frames):
+        co = cocompile.compile(model, clip[:1], step_frames=c)
+        assert co.step_frames == c
+        torch.testing.assert_close(co.forward_steps(clip), model(clip), rtol=0, atol=1e-5)
+        a = torch.cat([co.step(x, s)[0] for x, s in _steps(co, clip)], 2)
+        b = torch.cat([base.step(x, s)[0] for x, s in _steps(base, clip)], 2)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def _steps(co, clip):
+    """(chunk, state before it) for every step of `clip`."""
+    state = co.initial_state(clip.shape[0])
+    for x in clip.split(co.step_frames, dim=2):
+        yield x, state
+        _, state = co.step(x, state)
