@@ -13,7 +13,7 @@ from torch import fx
 
 from .ops.frames import meta_shape
 from .ops.registry import StateSpec, rule_for
-from .timeinfo import META, STATE_META, TimeInfo
+from .timeinfo import META, STATE_META, TimeInfo, reads_time
 
 
 class StepInterpreter(fx.Interpreter):
@@ -49,7 +49,7 @@ class StepInterpreter(fx.Interpreter):
             return self._no_frames(node, info)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         rule = rule_for(node.target)
-        if rule is None or not _reads_time(node):
+        if rule is None or not reads_time(node):
             return node.target(*args, **kwargs)
         return rule.step(node, args, kwargs, self)
 
@@ -57,13 +57,6 @@ class StepInterpreter(fx.Interpreter):
         """Flush output of a value with no missing frames: an empty chunk of the right shape."""
         val = node.meta["val"]
         return torch.zeros(meta_shape(node, self.batch, 0, info), dtype=val.dtype)
-
-
-def _reads_time(node) -> bool:
-    found = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(
-        isinstance(a.meta.get(META), TimeInfo) and a.meta[META].is_time))
-    return any(found)
 
 
 class StepProgram(torch.nn.Module):

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import sympy
+from torch.fx.node import map_arg
 
 META = "cocompile.time"        # node.meta key of a node's TimeInfo (a tuple of them for tuple outputs)
 STATE_META = "cocompile.state"  # node.meta key of the StateSpecs a stateful node keeps
@@ -95,5 +96,9 @@ def static_like(*infos: TimeInfo) -> TimeInfo:
                     padded=any(c.padded for c in clips), approx=any(c.approx for c in clips))
 
 
-def is_static(info) -> bool:
-    return info is None or (isinstance(info, TimeInfo) and info.kind == STATIC)
+def reads_time(node) -> bool:
+    """Whether any argument of the fx node `node` carries frames."""
+    found = []
+    map_arg((node.args, node.kwargs), lambda a: found.append(
+        isinstance(a.meta.get(META), TimeInfo) and a.meta[META].is_time))
+    return any(found)

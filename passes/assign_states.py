@@ -12,17 +12,10 @@ from torch import fx
 from cocompile.errors import Refusal, error_at, module_path
 from cocompile.ops.delay import delay_frames
 from cocompile.ops.registry import StateSpec, rule_for
-from cocompile.timeinfo import META, STATE_META, TimeInfo
+from cocompile.timeinfo import STATE_META, reads_time
 
 FRAMES = StateSpec("state.frames", (), torch.int64,
                    "input frames consumed so far by this stream (positions the start padding)")
-
-
-def _has_time_input(node) -> bool:
-    found = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(
-        isinstance(a.meta.get(META), TimeInfo) and a.meta[META].is_time))
-    return any(found)
 
 
 def _per_stream(shape) -> tuple[tuple[int, ...], int]:
@@ -42,7 +35,7 @@ def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
     specs, used = [FRAMES], {FRAMES.name}
     for node in gm.graph.nodes:
         rule = rule_for(node.target) if node.op == "call_function" else None
-        if rule is None or not _has_time_input(node):
+        if rule is None or not reads_time(node):
             continue
         an._rule, an._node = rule, node
         try:

@@ -17,20 +17,7 @@ from torch import fx
 
 from cocompile.errors import NoRule, Refusal, error_at
 from cocompile.ops.registry import OpRule, rule_for
-from cocompile.timeinfo import META, STATIC_INFO, TIME, TimeInfo, is_static, static_like
-
-
-def shape_of(node) -> list:
-    """Shape of a node's value: ints, or sympy expressions where it depends on the batch size."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else node
-    out = []
-    for s in val.shape:
-        if isinstance(s, torch.SymInt):
-            e = s.node.expr
-            out.append(int(e) if e.is_Integer else e)
-        else:
-            out.append(int(s))
-    return out
+from cocompile.timeinfo import META, STATIC_INFO, TIME, TimeInfo, reads_time, static_like
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -83,9 +70,6 @@ class TimeAnalysis:
             return info.replace(warmup=warmup)
         return info
 
-    def shape(self, node) -> list:
-        return shape_of(node)
-
     # -- dispatch on node.op ---------------------------------------------------------------------
     def _placeholder(self, node):
         if node.name not in self.inputs:
@@ -108,9 +92,9 @@ class TimeAnalysis:
             return info
         if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
             return STATIC_INFO          # symbolic sizes and other scalars: batch-only arithmetic
-        infos = [a.meta[META] for a in tensor_args(node)]
-        if not any(isinstance(i, TimeInfo) and i.is_time for i in infos):
+        if not reads_time(node):
             # no frames flow in: the op runs as captured on constants or clip-level values
+            infos = [a.meta[META] for a in tensor_args(node)]
             return static_like(*[i for i in infos if isinstance(i, TimeInfo)])
         rule = rule_for(node.target)
         if rule is None:
@@ -145,9 +129,3 @@ def default_step_frames(gm: fx.GraphModule) -> int:
     return int(sympy.ilcm(*dens)) if len(dens) > 1 else 1
 
 
-def analyse(gm, inputs, clip_length, approximate=False) -> dict:
-    """Run the analysis; returns the delay requirements (empty at the fixpoint)."""
-    return TimeAnalysis(gm, inputs, clip_length, approximate).run()
-
-
-__all__ = ["TimeAnalysis", "analyse", "default_step_frames", "shape_of", "tensor_args", "is_static"]

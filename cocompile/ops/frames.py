@@ -56,7 +56,7 @@ def last_frames(x: torch.Tensor, t: int, n: int) -> torch.Tensor:
 def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple:
     """Shape of `frames` frames of the value `node` (a state's shape). Axis 0 stays as captured:
     the batch symbol, or a multiple of it where the model folds e.g. persons into the batch."""
-    shape = list(_shape(node))
+    shape = list(symbolic_shape(node))
     if isinstance(info.outer, sympy.Expr) and not info.outer.is_Integer:
         raise Refusal("time is merged with the batch axis here, so a per-stream state cannot be kept",
                       "keep batch and time on separate axes around temporal ops")
@@ -67,15 +67,15 @@ def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple:
     return tuple(shape)
 
 
-def _shape(node):
-    val = node.meta["val"]
+def symbolic_shape(node) -> list:
+    """Shape of a node's value: ints, or sympy expressions where it depends on the batch size."""
     return [int(s.node.expr) if isinstance(s, torch.SymInt) and s.node.expr.is_Integer
-            else (s.node.expr if isinstance(s, torch.SymInt) else int(s)) for s in val.shape]
+            else (s.node.expr if isinstance(s, torch.SymInt) else int(s)) for s in node.meta["val"].shape]
 
 
 def meta_shape(node, batch, time_frames: int | None = None, info: TimeInfo | None = None) -> list:
     """Shape of `node`'s value at the step's batch size; with `info`, time axis set to `time_frames`."""
-    shape = [eval_size(s, batch) for s in _shape(node)]
+    shape = [eval_size(s, batch) for s in symbolic_shape(node)]
     if info is not None:
         shape[info.dim] = eval_size(info.outer, batch) * time_frames * info.inner
     return shape

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import Refusal
 from ..timeinfo import TimeInfo
-from .frames import eval_size, meta_shape
+from .frames import eval_size, meta_shape, symbolic_shape
 from .registry import OpRule, register_op
 
 aten = torch.ops.aten
@@ -50,10 +50,6 @@ def locate_time(in_shape: list, x: TimeInfo, out_shape: list) -> TimeInfo:
     return x.replace(dim=k, outer=int(outer) if outer.is_Integer else outer, inner=int(inner))
 
 
-def _shape(node) -> list:
-    return [s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in node.meta["val"].shape]
-
-
 class Layout(OpRule):
     """Base for ops that only move axes; explicit zero frames pass through them."""
 
@@ -64,7 +60,7 @@ class Layout(OpRule):
              aten.flatten.using_ints, aten.unflatten.int)
 class View(Layout):
     def time(self, node, an):
-        return locate_time(_shape(node.args[0]), an.info(node.args[0]), _shape(node))
+        return locate_time(symbolic_shape(node.args[0]), an.info(node.args[0]), symbolic_shape(node))
 
     def step(self, node, args, kwargs, ctx):
         x, x_info, out = args[0], ctx.info(node.args[0]), ctx.info(node)
