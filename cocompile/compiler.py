@@ -7,6 +7,7 @@ import torch
 from torch.export import Dim, export
 
 from cocompile.passes.assign_states import assign_states
+from cocompile.passes.choose_forms import choose_forms
 from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
@@ -61,6 +62,8 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     assert not an.run(), "internal error: delays did not align every join"
     # step size: the smallest step whose every op emits whole frames, or a multiple the user chose
     c = _step_frames(cap.gm, step_frames, T)
+    # step forms: per temporal conv the fastest of window / taps folded / partial sums (measured)
+    choose_forms(cap.gm, cap.consts, c)
     # state: one named buffer per temporal window, delay and clip window, plus the frame counter
     specs = assign_states(cap.gm, an)
     # step program: the graph run per chunk by the step rules, traced into a plain ATen step graph

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Refusal
-from ..timeinfo import TimeInfo
+from ..timeinfo import META, TimeInfo
 from .clip import ClipWindow
+from .conv_forms import ConvGeometry, fold, form_of, partial, prepare
 from .frames import cat_frames, frames_shape, last_frames
 from .registry import OpRule, register_op
 from .schema import bind, call
@@ -74,6 +75,10 @@ class WindowRule(OpRule):
     def run(self, node, args, buf: torch.Tensor, d: int | None):
         """Run the op on `buf` with no temporal padding (d is None: run it as captured)."""
         raise NotImplementedError
+
+    def run_step(self, node, args, buf: torch.Tensor, d: int, ctx):
+        """`run` inside a step, where a rule may use a faster form of the same sums."""
+        return self.run(node, args, buf, d)
 
     def pad_value(self, node) -> float:
         """What the op's own padding holds."""
@@ -171,7 +176,7 @@ class WindowRule(OpRule):
         divisor of averages that leave padding out are placed from the stream position."""
         fill, exclude = self.pad_value(node), self.exclude_pad(node)
         if not (exclude or (fill != 0.0 and win.left > 0)):
-            return self.run(node, args, buf, d)     # (the flush appends its own right padding)
+            return self.run_step(node, args, buf, d, ctx)   # (the flush appends its own right padding)
         pad = padding_frames(ctx, x_info, -p.state, buf.shape[d], buf.shape[0])
         view = [pad.shape[0]] + [1] * (buf.dim() - 1)
         view[d] = buf.shape[d]
@@ -263,6 +268,52 @@ class Convolution(WindowRule):
 
     def covers_clip(self, node, x, win):
         return False                             # a conv stays per-frame; see DESIGN §4
+
+    # -- step forms (conv_forms.py; passes/choose_forms.py picks one per node) -----------------
+    def geometry(self, node, d: int, frames: int = 0, state: int = 0) -> ConvGeometry:
+        """The convolution along time axis d as conv_forms sees it."""
+        a, w = self.conv_args(node), node.args[1].meta["val"]
+        win = self.window(node, d)
+        return ConvGeometry(d, win.kernel, win.dilation, win.stride, int(a["groups"]),
+                            int(w.shape[1]) * int(a["groups"]), int(w.shape[0]), frames, state)
+
+    def states(self, node, an):
+        if form_of(node).name != "partial":
+            return super().states(node, an)
+        out, g = _main(node.meta[META]), self.geometry(node, an.info(node.args[0]).dim)
+        return {"window": (frames_shape(node, out, g.extent - 1), node.meta["val"].dtype,
+                           f"partial sums of the next {g.extent - 1} output frames (no bias)")}
+
+    def step(self, node, args, kwargs, ctx):
+        x_info = ctx.info(node.args[0])
+        if form_of(node).name != "partial" or self._window(node, x_info) is None:
+            return super().step(node, args, kwargs, ctx)
+        # partial sums: the new frames' tap outputs go into the pending output frames
+        d, x, g = x_info.dim, args[0], self.geometry(node, x_info.dim)
+        if self.window(node, d).left > 0 and x_info.warmup > 0:
+            x = zero_padding_frames(ctx, x_info, x, d)      # as in WindowRule.step
+        a = self.conv_args(node, args, {})
+        emit = x.shape[d] if ctx.mode == "step" else _main(ctx.info(node)).flush_frames(ctx.clip_length)
+        out, sums = partial(x, ctx.state(node, "window"), self._weight(node, a, ctx, g), a["bias"], a, g, emit)
+        if ctx.mode == "step":
+            ctx.set_state(node, "window", sums)
+        return out
+
+    def run_step(self, node, args, buf, d, ctx):
+        g = self.geometry(node, d)
+        if form_of(node).name != "fold" or buf.shape[d] - g.extent >= g.stride:
+            return self.run(node, args, buf, d)
+        # one output frame: its taps folded into the channels of a conv with one axis less
+        a = self.conv_args(node, args, {})
+        return fold(buf, self._weight(node, a, ctx, g), a["bias"], a, g)
+
+    def _weight(self, node, a, ctx, g):
+        """The weight prepared for the node's form: once at compile time when it is constant
+        (a buffer of the graph module), else from the captured weight in the step."""
+        form = form_of(node)
+        if form.weight is not None:
+            return getattr(ctx.module, form.weight)
+        return prepare(form.name, a["weight"], g)
 
     def run(self, node, args, buf, d):
         a = self.conv_args(node, args, {})

@@ -1,0 +1,220 @@
+"""Step forms of a temporal convolution: three ways to compute the same output frames.
+
+A convolution along time (kernel k, dilation dd, extent e = dd*(k-1)+1, stride s) reads n new
+input frames per step. How its step is computed decides the speed (on oneDNN with one thread a
+3x3x3 conv3d over a thin 3-frame window runs ~3x slower per frame than on a whole clip):
+
+  window   keep S input frames, run the conv with no temporal padding on [state | chunk]
+           (WindowRule's form, shared with pooling; any stride).
+  fold     one output frame per step (n == s): the k taps of that frame's window, (N, Cin, k, ...),
+           are read as the channels of a conv with one axis less, (N, Cin*k, ...), whose weight is
+           the kernel viewed as (Cout, Cin/g*k, ...). Channel ci*k + tap: the taps of an input
+           channel are adjacent, so each group's Cin/g*k channels stay contiguous (groups work).
+           Same state as `window`.
+  partial  stride 1: the new frames are convolved once with the k taps stacked in the output
+           channels, weight (g, k, Cout/g) x (Cin/g, 1, ...). The state keeps the e-1 output
+           frames still waiting for contributions (partial sums, no bias); each step adds the new
+           contributions and emits the frames that became complete (+ bias). Zero partial sums
+           are the zero input state, i.e. the start padding.
+
+All three compute the same sums in a different order (float rounding only), with plain ATen ops
+that torch.export, ONNX and TorchScript take as they are.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+FORM_META = "cocompile.conv_form"        # node.meta key of a convolution's ConvForm
+FORMS = ("window", "fold", "partial")
+FORCE_ENV = "COCOMPILE_CONV_FORM"        # window|fold|partial: use that form wherever it applies
+
+
+@dataclass(frozen=True)
+class ConvForm:
+    """The step form chosen for one convolution node, and why.
+
+    weight: attribute of the graph module holding the weight prepared for the form (computed once
+    at compile time), or None (the form reshapes the captured weight in the step).
+    ms: measured milliseconds per step of each applicable form ({} when forced or alone).
+    """
+
+    name: str = "window"
+    weight: str | None = None
+    how: str = "default"                 # forced | measured | cached | only
+    ms: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution along time as one step sees it. `d` is the time axis (of input and output),
+    `frames` the input frames per step, `state` the input frames the window form keeps."""
+
+    d: int
+    kernel: int
+    dilation: int
+    stride: int
+    groups: int
+    cin: int
+    cout: int
+    frames: int
+    state: int
+
+    @property
+    def extent(self) -> int:
+        return self.dilation * (self.kernel - 1) + 1
+
+
+def forced_form() -> str | None:
+    """The form COCOMPILE_CONV_FORM asks for, or None (measure)."""
+    value = os.environ.get(FORCE_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in FORMS:
+        raise ValueError(f"{FORCE_ENV}={value!r}: expected one of {', '.join(FORMS)} or auto")
+    return value
+
+
+def why_not(form: str, g: ConvGeometry) -> str | None:
+    """Why `form` cannot run this convolution's step (None: it can)."""
+    if form == "fold" and (g.kernel == 1 or g.frames != g.stride):
+        return f"fold needs a temporal kernel > 1 and one output frame per step (gets {g.frames} " \
+               f"frames, stride {g.stride})"
+    if form == "partial" and (g.stride != 1 or g.extent == 1):
+        return f"partial sums need temporal stride 1 and extent > 1 (stride {g.stride}, " \
+               f"extent {g.extent})"
+    return None
+
+
+def applicable(g: ConvGeometry) -> list[str]:
+    """The forms that can run this convolution's step; `window` always can."""
+    return [f for f in FORMS if why_not(f, g) is None]
+
+
+# -- weights ------------------------------------------------------------------------------------
+def prepare(form: str, weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """The weight as `form` uses it (computed once per compile when the weight is constant).
+
+    fold:    (Cout, Cin/g*k, *other kernel axes), channel ci*k + tap.
+    partial: (g*k*Cout/g, Cin/g, *kernel axes with 1 along time), output channel
+             (group, position, o) where position i holds tap k-1-i (see accumulate()).
+    """
+    if form == "fold":
+        return weight.movedim(g.d, 2).flatten(1, 2).contiguous()
+    if form == "partial":
+        w = weight.unflatten(0, (g.groups, g.cout // g.groups))       # time now on axis d+1
+        w = w.flip(g.d + 1).movedim(g.d + 1, 1)                       # (g, k, Cout/g, Cin/g, ...)
+        return w.flatten(0, 2).unsqueeze(g.d).contiguous()
+    return weight
+
+
+# -- the forms ----------------------------------------------------------------------------------
+def _drop(values, j: int, n: int) -> list:
+    """An int-list conv argument (length 1 or n) without its entry j."""
+    vals = list(values) if len(values) > 1 else list(values) * n
+    return vals[:j] + vals[j + 1:]
+
+
+def conv_no_time(x: torch.Tensor, w: torch.Tensor, bias, a: dict, d: int) -> torch.Tensor:
+    """The convolution `a` (conv args) on a value whose time axis d was removed, with a weight
+    that has no time axis: a conv with one spatial axis less, or a matrix product when none is
+    left (time was the only axis)."""
+    n = x.dim() - 1                                  # spatial axes of the original conv
+    if n == 1 and a["groups"] == 1:
+        return aten.linear(x, w, bias)
+    if n == 1:                                       # grouped, nothing left: a length-1 conv1d
+        x, w, n = x.unsqueeze(-1), w.unsqueeze(-1), 2
+        a = {**a, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
+        y = _conv(x, w, bias, a, d, n)
+        return y.squeeze(-1)
+    return _conv(x, w, bias, a, d, n)
+
+
+def _conv(x, w, bias, a, d, n):
+    j = d - 2
+    return aten.convolution.default(x, w, bias, _drop(a["stride"], j, n), _drop(a["padding"], j, n),
+                                    _drop(a["dilation"], j, n), False, [0] * (n - 1), a["groups"])
+
+
+def fold(buf: torch.Tensor, wf: torch.Tensor, bias, a: dict, g: ConvGeometry) -> torch.Tensor:
+    """The one output frame of a window starting at buf's first frame, as a conv over the taps
+    folded into channels (wf = prepare("fold", weight))."""
+    taps = buf.narrow(g.d, 0, g.extent)
+    if g.dilation > 1:                               # every dd-th frame is a tap
+        taps = aten.slice.Tensor(taps, g.d, 0, g.extent, g.dilation)
+    x = taps.movedim(g.d, 2).flatten(1, 2)           # (N, Cin*k, ...): channel ci*k + tap
+    return conv_no_time(x, wf, bias, a, g.d).unsqueeze(g.d)
+
+
+def tap_outputs(x: torch.Tensor, wp: torch.Tensor, a: dict, g: ConvGeometry) -> torch.Tensor:
+    """Every tap applied to every new frame: (N, g, k, Cout/g, ..., n along d+2, ...), position i
+    holding tap k-1-i (wp = prepare("partial", weight), kernel 1 along time)."""
+    if x.shape[g.d] == 1:                            # one frame: a conv with one axis less
+        z = conv_no_time(x.squeeze(g.d), wp.squeeze(g.d), None, a, g.d).unsqueeze(g.d)
+    else:
+        j, nd = g.d - 2, x.dim() - 2
+        z = aten.convolution.default(x, wp, None, _set(a["stride"], j, 1, nd), _set(a["padding"], j, 0, nd),
+                                     _set(a["dilation"], j, 1, nd), False, [0] * nd, a["groups"])
+    return z.unflatten(1, (g.groups, g.kernel, g.cout // g.groups))
+
+
+def contributions(z: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """The tap outputs laid out by the output frame they belong to: (N, g, Cout/g, ..., e-1+n
+    along d+1, ...). With the buffer [e-1 pending | n new], new frame q reaches output m through
+    tap j iff m = e-1+q - j*dd, i.e. position i*dd + q for i = k-1-j."""
+    t, n, dd, k = g.d + 1, z.shape[g.d + 2], g.dilation, g.kernel
+    length = (k - 1) * dd + n
+    c = z.movedim(2, t)                              # position i on axis t, frame q on t+1
+    if n <= dd:
+        # positions i*dd+q never collide: pad each tap's frames to dd and lay them end to end
+        if n < dd:
+            c = _pad_axis(c, t + 1, 0, dd - n)
+        return c.flatten(t, t + 1).narrow(t, 0, length)
+    out = None                                       # frames of different taps collide: add
+    for i in range(k):
+        term = _pad_axis(c.select(t, i), t, i * dd, length - i * dd - n)
+        out = term if out is None else out + term
+    return out
+
+
+def partial(x: torch.Tensor, sums: torch.Tensor, wp: torch.Tensor, bias, a: dict, g: ConvGeometry,
+            emit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first `emit` output frames, the partial sums left) after adding the contributions of
+    the new frames `x` to the e-1 pending partial sums `sums`; frames past the data (the flush's
+    end padding) contribute nothing."""
+    t, pending = g.d + 1, g.extent - 1
+    full = sums.unflatten(1, (g.groups, g.cout // g.groups))          # time on axis d+1
+    if x.shape[g.d]:
+        c = contributions(tap_outputs(x, wp, a, g), g)
+        full = torch.cat([full + c.narrow(t, 0, pending), c.narrow(t, pending, c.shape[t] - pending)], t)
+    if full.shape[t] < emit:                         # outputs made of end padding only
+        full = _pad_axis(full, t, 0, emit - full.shape[t])
+    out = full.narrow(t, 0, emit).flatten(1, 2)
+    if bias is not None:
+        out = out + bias.view([1, -1] + [1] * (out.dim() - 2))
+    return out, full.narrow(t, emit, full.shape[t] - emit).flatten(1, 2)
+
+
+def _pad_axis(x: torch.Tensor, axis: int, before: int, after: int) -> torch.Tensor:
+    """Zero frames before/after along one axis."""
+    return F.pad(x, [0, 0] * (x.dim() - 1 - axis) + [before, after])
+
+
+def _set(values, j: int, v, n: int) -> list:
+    """Copy of an int-list conv argument (length 1 or n) with entry j set to v."""
+    vals = list(values) if len(values) > 1 else list(values) * n
+    vals[j] = v
+    return vals
+
+
+def form_of(node) -> ConvForm:
+    """The step form chosen for a convolution node (window until passes/choose_forms runs)."""
+    return node.meta.get(FORM_META, WINDOW)
+
+
+WINDOW = ConvForm()

@@ -1,0 +1,193 @@
+"""Choice: the step form of every temporal convolution (cocompile/ops/conv_forms.py), by measuring.
+
+Invariant left behind: every convolution that steps along time has node.meta["cocompile.conv_form"]
+= ConvForm(name, weight, how, ms), naming a form that applies to its step (window, fold or
+partial); where that form uses a reshaped weight and the weight is a constant, the reshaped copy is
+a buffer of the graph module (computed here once, not in every step). Runs after the step size is
+known and before assign_states, because the form decides the state's shape.
+
+The fastest form depends on the op's shapes and on the machine, so each applicable form is timed
+on the op's real step shapes (batch 1, one thread, a few repetitions, best of them) and the result
+is cached on disk ($XDG_CACHE_HOME/cocompile/conv_forms, keyed by op, shapes, dtype, torch version
+and form). COCOMPILE_CONV_FORM=window|fold|partial forces a form wherever it applies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import torch
+from torch import fx
+
+from cocompile.ops.conv_forms import (FORM_META, ConvForm, applicable, fold, forced_form, partial,
+                                      prepare)
+from cocompile.ops.frames import meta_shape
+from cocompile.ops.registry import rule_for
+from cocompile.ops.window import Convolution, plan
+from cocompile.timeinfo import META, TimeInfo, reads_time
+
+REPEATS, BUDGET_S = 5, 0.05        # timed runs per form: up to 5, stopping after 50 ms
+
+
+def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
+    """Record a form on every temporal convolution; returns {node name: ConvForm}."""
+    force, chosen = forced_form(), {}
+    for node in gm.graph.nodes:
+        site = _site(node, step_frames)
+        if site is None:
+            continue
+        forms = applicable(site.geometry)
+        if force is not None:
+            name, how, ms = (force if force in forms else "window"), "forced", {}
+        elif len(forms) == 1:
+            name, how, ms = "window", "only", {}
+        else:
+            ms, how = _measure(site, forms, consts)
+            name = min(ms, key=ms.get)
+        chosen[node.name] = node.meta[FORM_META] = ConvForm(name, _store(gm, consts, site, name), how, ms)
+    return chosen
+
+
+class _Site:
+    """One temporal convolution with its step geometry and conv arguments."""
+
+    def __init__(self, node, rule: Convolution, x: TimeInfo, step_frames: int):
+        self.node, self.rule, self.x = node, rule, x
+        d = x.dim
+        state = plan(rule.window(node, d), x.warmup).state
+        self.geometry = rule.geometry(node, d, x.frames_per_step(step_frames), state)
+
+
+def _site(node, step_frames: int) -> _Site | None:
+    """The node as a temporal convolution, or None."""
+    rule = rule_for(node.target) if node.op == "call_function" else None
+    if not isinstance(rule, Convolution) or not reads_time(node):
+        return None
+    x = node.args[0].meta.get(META)
+    if not isinstance(x, TimeInfo) or not x.is_time or x.merged or x.dim < 2:
+        return None
+    return _Site(node, rule, x, step_frames)
+
+
+def _store(gm, consts, site: _Site, form: str) -> str | None:
+    """Buffer name of the weight prepared for `form` (None: window, or a weight computed in-graph)."""
+    weight = _const(site.node.args[1], consts)
+    if form == "window" or weight is None:
+        return None
+    name = f"cocompile_{form}_{site.node.name}"
+    gm.register_buffer(name, prepare(form, weight, site.geometry))
+    return name
+
+
+def _const(arg, consts: dict):
+    return consts.get(arg.name) if isinstance(arg, fx.Node) and arg.op == "placeholder" else None
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _measure(site: _Site, forms: list[str], consts: dict) -> tuple[dict, str]:
+    """({form: ms per step}, "measured" or "cached"), from the cache where it has the entry."""
+    runs = _Runs(site, consts)
+    ms, how = {}, "cached"
+    for form in forms:
+        path = _cache_path(_key(runs, form))
+        ms[form] = _read(path)
+        if ms[form] is None:
+            ms[form], how = _time(runs.fn(form)), "measured"
+            _write(path, ms[form])
+    return ms, how
+
+
+class _Runs:
+    """Random inputs of the site's real step shapes (batch 1) and one step of each form on them."""
+
+    def __init__(self, site: _Site, consts: dict):
+        node, g, x_info = site.node, site.geometry, site.x
+        self.site, gen = site, torch.Generator().manual_seed(0)
+        val = node.args[0].meta["val"]
+
+        def rand(shape):
+            return torch.randn([int(s) for s in shape], generator=gen, dtype=val.dtype)
+
+        self.x = rand(meta_shape(node.args[0], 1, g.frames, x_info))
+        self.buf = torch.cat([rand(meta_shape(node.args[0], 1, g.state, x_info)), self.x], g.d) \
+            if g.state > 0 else self.x.narrow(g.d, -g.state, g.frames + g.state)
+        out = node.meta[META]
+        self.sums = rand(meta_shape(node, 1, g.extent - 1, out)) if g.extent > 1 else None
+        self.args = fx.node.map_arg(node.args, lambda n: _const(n, consts) if _const(n, consts) is not None
+                                    else rand(meta_shape(n, 1)))
+        self.a = site.rule.conv_args(node, self.args, {})
+
+    def fn(self, form: str):
+        g, a, rule, node = self.site.geometry, self.a, self.site.rule, self.site.node
+        if form == "fold":
+            wf = prepare("fold", a["weight"], g)
+            return lambda: fold(self.buf, wf, a["bias"], a, g)
+        if form == "partial":
+            wp = prepare("partial", a["weight"], g)
+            return lambda: partial(self.x, self.sums, wp, a["bias"], a, g, g.frames)
+        return lambda: rule.run(node, self.args, self.buf, g.d)
+
+
+def _time(fn) -> float:
+    """Best of a few runs, in ms, on one thread (the state's cat is part of every form's step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            fn()                                     # first call: allocations, kernel choice
+            best, spent = float("inf"), 0.0
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                best, spent = min(best, dt), spent + dt
+                if spent > BUDGET_S:
+                    break
+    finally:
+        torch.set_num_threads(threads)
+    return best * 1e3
+
+
+# -- cache ----------------------------------------------------------------------------------------
+def cache_dir() -> str:
+    """Where measured step times are kept: $XDG_CACHE_HOME/cocompile/conv_forms (~/.cache default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cocompile", "conv_forms")
+
+
+def _key(runs: _Runs, form: str) -> dict:
+    """What a step's time depends on: op, step shapes, conv arguments, dtype, torch, form."""
+    a, node = runs.a, runs.site.node
+    return {"op": str(node.target), "x": list(runs.x.shape), "buf": list(runs.buf.shape),
+            "w": list(a["weight"].shape), "bias": a["bias"] is not None, "stride": list(a["stride"]),
+            "padding": list(a["padding"]), "dilation": list(a["dilation"]), "groups": int(a["groups"]),
+            "geometry": repr(runs.site.geometry), "dtype": str(a["weight"].dtype),
+            "torch": torch.__version__, "threads": 1, "form": form}
+
+
+def _cache_path(key: dict) -> str:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.join(cache_dir(), f"{digest}.json")
+
+
+def _read(path: str) -> float | None:
+    try:
+        with open(path) as f:
+            return float(json.load(f)["ms"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write(path: str, ms: float) -> None:
+    """Atomic write (parallel compiles may measure the same op); a cache that cannot be written
+    only costs a measurement next time."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"ms": ms}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
