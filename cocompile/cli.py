@@ -269,7 +269,7 @@ def summary(loaded, clip, co, report, e4, out) -> str:
 def _validity(info, c: int) -> str:
     if info.kind == "time":
         return f"warm-up {info.warmup} frame(s), delay {info.lag()} input frames"
-    if info.kind == "clip":
+    if info.kind in ("clip", "window"):
         return f"valid after {info.ready} input frames ({-(-info.ready // c)} steps)"
     return "always valid"
 

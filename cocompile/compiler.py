@@ -8,8 +8,10 @@ from torch.export import Dim, export
 
 from cocompile.passes.assign_states import assign_states
 from cocompile.passes.choose_forms import choose_forms
+from cocompile.passes.demand import analyse_demand
 from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.insert_delays import insert_delays
+from cocompile.passes.insert_windows import insert_windows
 from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
 
 from . import ops  # noqa: F401  (registers the op rules)
@@ -54,14 +56,23 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     fold_batchnorm(cap.gm, cap.consts)
     inputs = {cap.input_name: time_dim}
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
-    requirements = TimeAnalysis(cap.gm, inputs, T, approximate).run()
+    TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
+    # analyse: which values the outputs read only at the newest frames (e.g. y[:, -1])
+    analyse_demand(cap.gm)
+    # analyse again with the demand: single-output attention, windows cut to their newest frames
+    an = TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts)
+    requirements = an.run()
+    # rewrite: windows where frames meet whole windows, newest frames where nothing older is read
+    insert_windows(cap.gm, an.conversions)
     # rewrite: frame FIFOs line up joins and materialise explicit zero padding
-    insert_delays(cap.gm, requirements)
-    # check: after the delays the analysis is a fixpoint (nothing left to align)
-    an = TimeAnalysis(cap.gm, inputs, T, approximate)
-    assert not an.run(), "internal error: delays did not align every join"
+    insert_delays(cap.gm, TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
+                  if an.conversions else requirements)
+    # check: after the delays the analysis is a fixpoint (nothing left to align or convert)
+    an = TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts)
+    assert not an.run() and not an.conversions, "internal error: delays did not align every join"
     # step size: the smallest step whose every op emits whole frames, or a multiple the user chose
     c = _step_frames(cap.gm, step_frames, T)
+    cap.gm.meta["cocompile.step_frames"] = c
     # step forms: per temporal conv the fastest of window / taps folded / partial sums (measured)
     choose_forms(cap.gm, cap.consts, c)
     # state: one named buffer per temporal window, delay and clip window, plus the frame counter

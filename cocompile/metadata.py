@@ -10,6 +10,12 @@ Validity rule (the same one `ContinualModel` and `cocompile.runtime` apply):
   (valid frame j is offline frame j - warmup);
 * clip output ("kind": "clip"): valid after a step once `ready` input frames were consumed
   (including that step's);
+* window output ("kind": "window"): the output over the whole sliding window (all `clip_frames`
+  positions along `time_axis`, e.g. a Transformer encoder's tokens), valid like a clip output;
+* "exactness": "exact", "padded" (temporal zero padding: sliding windows differ from fresh
+  clips), "bounded" (causal attention over the whole clip: the stream keeps the last `horizon`
+  frames, equal to the model for the first `horizon` frames and bounded to them after), or
+  "approximate";
 * "static" outputs do not depend on the frames and are always valid.
 
 "batch" is null when the artifact serves any number of streams at once (the usual case), or the
@@ -26,7 +32,7 @@ import json
 import torch
 from torch.utils import _pytree as pytree
 
-from .timeinfo import CLIP, TIME
+from .timeinfo import TIME, WINDOW
 
 FORMAT = "cocompile.continual"
 FORMAT_VERSION = 1
@@ -81,14 +87,16 @@ def compiled_batch(co) -> int | None:
 def _exactness(info) -> str:
     if info.approx:
         return "approximate"
-    return "padded" if info.kind == CLIP and info.padded else "exact"
+    if info.horizon:
+        return "bounded"
+    return "padded" if info.per_step and info.padded else "exact"
 
 
 def _valid_from_step(info, step_frames: int) -> int:
     """Index of the first step (from the zero state) that returns a valid value of this output."""
     if info.kind == TIME:
         return max(int(info.warmup) // info.frames_per_step(step_frames), 0)
-    if info.kind == CLIP:
+    if info.per_step:
         return max(-(-int(info.ready) // step_frames) - 1, 0)
     return 0
 
@@ -101,8 +109,12 @@ def _output(name: str, info, shape, step_frames: int, batch: int | None) -> dict
         entry.update(time_axis=info.dim, rate=str(info.rate), rate_num=int(info.rate.p),
                      rate_den=int(info.rate.q), frames_per_step=info.frames_per_step(step_frames),
                      warmup=int(info.warmup), receptive_field=int(info.rf), clip_frames=int(info.length))
-    elif info.kind == CLIP:
+    elif info.per_step:
         entry.update(ready=int(info.ready), receptive_field=int(info.rf))
+        if info.kind == WINDOW:
+            entry.update(time_axis=info.dim, clip_frames=int(info.length))
+    if info.horizon:
+        entry.update(horizon=int(info.horizon))
     return entry
 
 

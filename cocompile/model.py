@@ -5,7 +5,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError
-from .timeinfo import CLIP, TIME, TimeInfo
+from .timeinfo import TIME, TimeInfo
 
 
 class ContinualModel(torch.nn.Module):
@@ -124,7 +124,7 @@ class ContinualModel(torch.nn.Module):
                 skip = max(info.warmup - info.streamed(frames_before), 0)
                 n = leaf.shape[info.dim]
                 out.append(leaf.narrow(info.dim, skip, n - skip) if skip < n else None)
-            elif info.kind == CLIP:
+            elif info.per_step:
                 out.append(leaf if frames_before + self.step_frames >= info.ready else None)
             else:
                 out.append(leaf)

@@ -13,12 +13,12 @@ from torch import fx
 
 from .ops.frames import meta_shape
 from .ops.registry import StateSpec, rule_for
-from .timeinfo import META, STATE_META, TimeInfo, reads_time
+from .timeinfo import META, STATE_META, TimeInfo, steps_by_rule
 
 
 class StepInterpreter(fx.Interpreter):
-    """Runs one step (or the flush). Rules see it as `ctx`: mode, batch, frames, clip_length,
-    info(node), state(node, key), set_state(node, key, value)."""
+    """Runs one step (or the flush). Rules see it as `ctx`: mode, batch, frames, step_frames,
+    clip_length, info(node), state(node, key), set_state(node, key, value)."""
 
     def __init__(self, gm, mode: str, states: dict, frames: torch.Tensor, clip_length: int):
         super().__init__(gm, garbage_collect_values=True)
@@ -27,6 +27,10 @@ class StepInterpreter(fx.Interpreter):
         self.batch = frames.shape[0]
 
     # -- what rules call -------------------------------------------------------------------------
+    @property
+    def step_frames(self) -> int:
+        return self.module.meta["cocompile.step_frames"]
+
     def info(self, node):
         return node.meta[META]
 
@@ -49,7 +53,7 @@ class StepInterpreter(fx.Interpreter):
             return self._no_frames(node, info)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         rule = rule_for(node.target)
-        if rule is None or not reads_time(node):
+        if not steps_by_rule(node, rule):
             return node.target(*args, **kwargs)
         return rule.step(node, args, kwargs, self)
 

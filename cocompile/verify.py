@@ -7,7 +7,6 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .model import ContinualModel
-from .timeinfo import CLIP
 
 RTOL = 1e-4   # max|Δ| <= RTOL * max(1, max|ref|), float32
 
@@ -93,7 +92,7 @@ def verify(model: torch.nn.Module, co: ContinualModel, clip: torch.Tensor,
 def _sliding(model, co: ContinualModel, clip, steps) -> list[Check]:
     """E2: after every step from the first at which the clip-level outputs are valid, compare them
     with the model on the last T frames, for `steps` steps (default: one clip's worth)."""
-    clip_outs = [i for i, info in enumerate(co.out_infos) if info.kind == CLIP]
+    clip_outs = [i for i, info in enumerate(co.out_infos) if info.per_step]
     c, T, td = co.step_frames, co.clip_length, co.time_dim
     steps = T // c if steps is None else steps
     if not clip_outs or steps <= 0:

@@ -12,7 +12,7 @@ from torch import fx
 from cocompile.errors import Refusal, error_at, module_path
 from cocompile.ops.delay import delay_frames
 from cocompile.ops.registry import StateSpec, rule_for
-from cocompile.timeinfo import STATE_META, reads_time
+from cocompile.timeinfo import STATE_META, steps_by_rule
 
 FRAMES = StateSpec("state.frames", (), torch.int64,
                    "input frames consumed so far by this stream (positions the start padding)")
@@ -35,7 +35,7 @@ def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
     specs, used = [FRAMES], {FRAMES.name}
     for node in gm.graph.nodes:
         rule = rule_for(node.target) if node.op == "call_function" else None
-        if rule is None or not reads_time(node):
+        if not steps_by_rule(node, rule):
             continue
         an._rule, an._node = rule, node
         try:

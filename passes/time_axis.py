@@ -16,8 +16,10 @@ import torch
 from torch import fx
 
 from cocompile.errors import NoRule, Refusal, error_at
+from cocompile.ops.clip import ClipWindow
 from cocompile.ops.registry import OpRule, rule_for
-from cocompile.timeinfo import META, STATIC_INFO, TIME, TimeInfo, reads_time, static_like
+from cocompile.timeinfo import (ALL, CLIP, DEMAND, META, NEWEST, STATIC_INFO, TIME, WINDOW,
+                                TimeInfo, static_like)
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -36,13 +38,16 @@ class TimeAnalysis:
     inputs: dict            # placeholder name -> time dim
     clip_length: int
     approximate: bool = False
+    consts: dict = field(default_factory=dict)          # placeholder name -> tensor
     requirements: dict = field(default_factory=dict)   # (node, arg) -> warm-up the arg must have
+    conversions: dict = field(default_factory=dict)    # (node, arg) -> "window" | "newest"
     _rule: OpRule | None = None
     _node: fx.Node | None = None
+    _seen_as: dict = field(default_factory=dict)        # arg -> TimeInfo while a rule runs
 
     def run(self) -> dict:
         for node in self.gm.graph.nodes:
-            self._node = node
+            self._node, self._seen_as = node, {}
             try:
                 node.meta[META] = getattr(self, f"_{node.op}")(node)
             except Refusal as r:
@@ -55,6 +60,8 @@ class TimeAnalysis:
         materialised (delayed to warm-up 0) unless the current rule absorbs them."""
         if not isinstance(arg, fx.Node):
             return STATIC_INFO
+        if arg in self._seen_as:
+            return self._seen_as[arg]
         info = arg.meta[META]
         if isinstance(info, TimeInfo) and info.is_time and info.warmup < 0 and not (
                 self._rule and self._rule.absorbs_zero_prefix):
@@ -63,12 +70,44 @@ class TimeAnalysis:
 
     def aligned(self, arg: fx.Node, warmup: int) -> TimeInfo:
         """Ask for `arg` delayed to `warmup` frames; returns its TimeInfo as it will be then."""
-        info = arg.meta[META]
+        info = self._seen_as.get(arg, arg.meta[META])
         if warmup > info.warmup:
             key = (self._node, arg)
             self.requirements[key] = max(warmup, self.requirements.get(key, warmup))
             return info.replace(warmup=warmup)
         return info
+
+    def convert(self, arg: fx.Node, how: str) -> TimeInfo:
+        """Ask for `arg` as its window ("window") or cut to the step's frames ("newest")."""
+        self.conversions[(self._node, arg)] = how
+        info = arg.meta[META]
+        if how == "newest":
+            return info.replace(kind=TIME, ready=0)
+        return ClipWindow.window(self, arg)
+
+    def static_value(self, node: fx.Node, memo: dict | None = None):
+        """The value of a node computed from constants only (e.g. an attention mask), or None
+        when it depends on the input or on its batch size."""
+        memo = {} if memo is None else memo
+        if node not in memo:
+            memo[node] = None
+            if node.op == "placeholder":
+                memo[node] = self.consts.get(node.name)
+            elif node.op == "call_function":
+                missing = []
+
+                def value(a):
+                    v = self.static_value(a, memo)
+                    if v is None:
+                        missing.append(a)
+                    return v
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+                if not missing:
+                    try:
+                        memo[node] = node.target(*args, **kwargs)
+                    except Exception:  # noqa: BLE001 - e.g. an op on the batch size
+                        memo[node] = None
+        return memo[node]
 
     # -- dispatch on node.op ---------------------------------------------------------------------
     def _placeholder(self, node):
@@ -92,11 +131,16 @@ class TimeAnalysis:
             return info
         if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
             return STATIC_INFO          # symbolic sizes and other scalars: batch-only arithmetic
-        if not reads_time(node):
+        rule = rule_for(node.target)
+        if not getattr(rule, "reads_windows", False) and self._kinds(node) >= {WINDOW}:
+            if TIME in self._kinds(node):
+                self._meet(node)        # frames meet a window: convert one side
+            if WINDOW in self._kinds(node):
+                return self._on_windows(node, rule)
+        if not self._kinds(node) & {TIME, WINDOW}:
             # no frames flow in: the op runs as captured on constants or clip-level values
             infos = [a.meta[META] for a in tensor_args(node)]
             return static_like(*[i for i in infos if isinstance(i, TimeInfo)])
-        rule = rule_for(node.target)
         if rule is None:
             raise NoRule(f"no continual rule for {node.target} on a value that carries time",
                           "rewrite the model with supported ops, or register a rule with "
@@ -107,6 +151,35 @@ class TimeAnalysis:
         finally:
             self._rule = None
 
+    def _meet(self, node):
+        """Streamed frames and a whole window meet in `node`: if only the step's newest frames of
+        the result are read, cut the windows to them; otherwise turn the frames into windows."""
+        newest = node.meta.get(DEMAND, ALL) == NEWEST
+        for a in tensor_args(node):
+            info = a.meta[META]
+            if isinstance(info, TimeInfo) and info.kind == (WINDOW if newest else TIME):
+                self._seen_as[a] = self.convert(a, "newest" if newest else "window")
+
+    def _kinds(self, node) -> set:
+        infos = [self._seen_as.get(a, a.meta.get(META)) for a in tensor_args(node)]
+        return {i.kind for i in infos if isinstance(i, TimeInfo)}
+
+    def _on_windows(self, node, rule):
+        """An op on whole windows runs as captured; its rule (run as if the windows were streamed
+        frames) says where the positions go. Without a rule, or if it refuses, the positions are
+        lost (a clip value): still exact, only later single-output forms are not possible."""
+        infos = {a: self._seen_as.get(a, a.meta.get(META)) for a in tensor_args(node)}
+        windows = {a: i for a, i in infos.items() if isinstance(i, TimeInfo) and i.kind == WINDOW}
+        saved = dict(self.requirements), dict(self.conversions)
+        self._seen_as.update({a: i.replace(kind=TIME) for a, i in windows.items()})
+        try:
+            out = rule.time(node, self) if rule is not None else None
+        except Refusal:
+            out = None
+        finally:
+            self.requirements, self.conversions = saved
+        return _as_window(out, list(windows.values()))
+
     def _call_module(self, node):
         raise Refusal("unexpected call_module in an exported graph")
 
@@ -116,6 +189,18 @@ class TimeAnalysis:
             info = self.info(arg) if isinstance(arg, fx.Node) else STATIC_INFO
             outs.append(info)
         return tuple(outs)
+
+
+def _as_window(out, windows: list) -> TimeInfo | tuple:
+    """The rule's answer for streamed frames, read back as whole windows (or a clip value)."""
+    if isinstance(out, tuple):
+        return tuple(None if o is None else _as_window(o, windows) for o in out)
+    common = dict(ready=max(w.ready for w in windows), padded=any(w.padded for w in windows),
+                  approx=any(w.approx for w in windows), horizon=max(w.horizon for w in windows))
+    rf = max([w.rf for w in windows] + ([out.rf] if isinstance(out, TimeInfo) else []))
+    if isinstance(out, TimeInfo) and out.kind in (TIME, WINDOW):
+        return out.replace(kind=WINDOW, rf=rf, **common)
+    return TimeInfo(CLIP, rf=rf, **common)
 
 
 def default_step_frames(gm: fx.GraphModule) -> int:

@@ -23,11 +23,11 @@ class OutputInfo:
     """When one output is valid (see cocompile.metadata): kind, time axis, rate and warm-up."""
 
     name: str
-    kind: str               # "time", "clip" or "static"
+    kind: str               # "time", "clip", "window" or "static"
     time_axis: int | None   # with the batch axis (0) counted
     rate: tuple[int, int]   # output frames per input frame, as (num, den)
     warmup: int             # streamed frames of this output before its first valid one
-    ready: int              # clip outputs: input frames needed before the value is valid
+    ready: int              # clip/window outputs: input frames needed before the value is valid
 
     @classmethod
     def from_meta(cls, d: dict) -> "OutputInfo":
@@ -43,7 +43,7 @@ class OutputInfo:
             if skip >= n:
                 return None
             return value if skip == 0 else np.take(value, np.arange(skip, n), axis=self.time_axis)
-        if self.kind == "clip":
+        if self.kind in ("clip", "window"):
             return value if frames_before + step_frames >= self.ready else None
         return value
 

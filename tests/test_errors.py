@@ -140,9 +140,13 @@ class PositionTable(nn.Module):
         return self.conv(x) + self.pos
 
 
-def test_time_position_constant_is_an_error():
-    with pytest.raises(CompileError, match="time-position constant"):
-        cocompile.compile(PositionTable().eval(), torch.randn(1, 2, 8))
+def test_time_position_constant_makes_the_output_a_window():
+    # one entry per clip position: each step re-forms the whole window (exact, not streamed)
+    model = PositionTable().eval()
+    co = cocompile.compile(model, torch.randn(1, 2, 8))
+    assert co.out_infos[0].kind == "window"
+    report = cocompile.verify(model, co, torch.randn(2, 2, 8), sliding_steps=12)
+    assert report.passed and {c.name for c in report.checks} == {"E1", "E2"}, report
 
 
 class Reversed(nn.Module):

@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import Refusal
-from ..timeinfo import CLIP, TimeInfo
+from ..timeinfo import CLIP, WINDOW, TimeInfo
 from .frames import cat_frames, frames_shape, last_frames, split_time, merge_time
 from .registry import OpRule, register_op
 from .schema import bind
@@ -22,31 +22,44 @@ aten = torch.ops.aten
 
 
 class ClipWindow:
-    """The sliding window over the last L frames of one input (shared by every clip reduction)."""
+    """The sliding window over the last L frames of one input (shared by every clip reduction,
+    and by attention over time, whose keys and values it caches)."""
 
     @staticmethod
     def time(an, arg) -> TimeInfo:
+        w = ClipWindow.window(an, arg)
+        return TimeInfo(CLIP, ready=w.ready, rf=w.rf, padded=w.padded, approx=w.approx,
+                        horizon=w.horizon)
+
+    @staticmethod
+    def window(an, arg) -> TimeInfo:
+        """The input as a window value: all its L offline frames, re-formed every step."""
         x = an.info(arg)
         if x.merged and not isinstance(x.outer, int):
             raise Refusal("a reduction over time reads an axis that merges time with the batch",
                           "keep the batch axis separate from time before reducing over time")
-        return TimeInfo(CLIP, ready=math.ceil((x.warmup + x.length) / x.rate),
-                        rf=int(x.rf + (x.length - 1) / x.rate), padded=x.padded, approx=x.approx)
+        return x.replace(kind=WINDOW, ready=math.ceil((x.warmup + x.length) / x.rate),
+                         rf=int(x.rf + (x.length - 1) / x.rate))
 
     @staticmethod
-    def states(arg, x: TimeInfo) -> dict:
-        return {"clip": (frames_shape(arg, x, x.length), arg.meta["val"].dtype,
-                         f"last {x.length} frames of the value reduced over the clip")}
+    def states(arg, x: TimeInfo, key: str = "clip") -> dict:
+        return {key: (frames_shape(arg, x, x.length), arg.meta["val"].dtype,
+                      f"last {x.length} frames of {arg.name}, read as a whole each step")}
+
+    @staticmethod
+    def frames(ctx, node, arg, x, key: str = "clip"):
+        """The last L frames of `arg` after this step's chunk `x` (the state is updated)."""
+        info = ctx.info(arg)
+        xu, t = split_time(x, info, ctx.batch)
+        wu, _ = split_time(ctx.state(node, key), info, ctx.batch)
+        window = merge_time(last_frames(cat_frames(wu, xu, t), t, info.length), info)
+        if ctx.mode == "step":
+            ctx.set_state(node, key, window)
+        return window
 
     @staticmethod
     def step(ctx, node, arg, x, run):
-        info = ctx.info(arg)
-        xu, t = split_time(x, info, ctx.batch)
-        wu, _ = split_time(ctx.state(node, "clip"), info, ctx.batch)
-        window = merge_time(last_frames(cat_frames(wu, xu, t), t, info.length), info)
-        if ctx.mode == "step":
-            ctx.set_state(node, "clip", window)
-        return run(window)
+        return run(ClipWindow.frames(ctx, node, arg, x))
 
 
 @register_op(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,

@@ -36,8 +36,9 @@ def split_time(x: torch.Tensor, info: TimeInfo, batch) -> tuple[torch.Tensor, in
     if not info.merged:
         return x, d
     outer = eval_size(info.outer, batch)
-    frames = x.shape[d] // (outer * info.inner)
-    return x.unflatten(d, (outer, frames, info.inner)), d + 1
+    inner = eval_size(info.inner, batch)
+    frames = x.shape[d] // (outer * inner)
+    return x.unflatten(d, (outer, frames, inner)), d + 1
 
 
 def merge_time(xu: torch.Tensor, info: TimeInfo) -> torch.Tensor:
@@ -57,10 +58,10 @@ def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple:
     """Shape of `frames` frames of the value `node` (a state's shape). Axis 0 stays as captured:
     the batch symbol, or a multiple of it where the model folds e.g. persons into the batch."""
     shape = list(symbolic_shape(node))
-    if isinstance(info.outer, sympy.Expr) and not info.outer.is_Integer:
+    if any(isinstance(e, sympy.Expr) and not e.is_Integer for e in (info.outer, info.inner)):
         raise Refusal("time is merged with the batch axis here, so a per-stream state cannot be kept",
                       "keep batch and time on separate axes around temporal ops")
-    shape[info.dim] = int(info.outer) * frames * info.inner
+    shape[info.dim] = int(info.outer) * frames * int(info.inner)
     if any(not isinstance(s, int) for s in shape[1:]):
         raise Refusal(f"a state would need a batch-dependent shape {shape}",
                       "keep the batch on axis 0 and out of other axes")
@@ -77,5 +78,5 @@ def meta_shape(node, batch, time_frames: int | None = None, info: TimeInfo | Non
     """Shape of `node`'s value at the step's batch size; with `info`, time axis set to `time_frames`."""
     shape = [eval_size(s, batch) for s in symbolic_shape(node)]
     if info is not None:
-        shape[info.dim] = eval_size(info.outer, batch) * time_frames * info.inner
+        shape[info.dim] = eval_size(info.outer, batch) * time_frames * eval_size(info.inner, batch)
     return shape

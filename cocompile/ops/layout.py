@@ -44,10 +44,9 @@ def locate_time(in_shape: list, x: TimeInfo, out_shape: list) -> TimeInfo:
         raise Refusal(f"this reshape splits the time axis ({x.length} frames) across axes",
                       "reshape so that time stays one axis, possibly merged with its neighbours")
     _, k, outer, inner = min(found, key=lambda f: f[:2])
-    if not inner.is_Integer:
-        raise Refusal("this reshape puts the batch inside the time axis",
-                      "keep the batch axis outside (before) time")
-    return x.replace(dim=k, outer=int(outer) if outer.is_Integer else outer, inner=int(inner))
+    # either may hold the batch symbol (time merged with the batch, as attention's heads do)
+    return x.replace(dim=k, outer=int(outer) if outer.is_Integer else outer,
+                     inner=int(inner) if inner.is_Integer else inner)
 
 
 class Layout(OpRule):
@@ -64,7 +63,8 @@ class View(Layout):
 
     def step(self, node, args, kwargs, ctx):
         x, x_info, out = args[0], ctx.info(node.args[0]), ctx.info(node)
-        frames = x.shape[x_info.dim] // (eval_size(x_info.outer, ctx.batch) * x_info.inner)
+        frames = x.shape[x_info.dim] // (eval_size(x_info.outer, ctx.batch)
+                                         * eval_size(x_info.inner, ctx.batch))
         return aten.reshape.default(x, meta_shape(node, ctx.batch, frames, out))
 
 

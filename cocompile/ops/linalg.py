@@ -166,21 +166,6 @@ class Einsum(OpRule):
         return join(an, node, operands, lambda arg, info: out.index(letter), contracted=fixed)
 
 
-@register_op(aten.scaled_dot_product_attention.default)
-class Attention(OpRule):
-    """Attention within each frame (time on a leading axis) is frame-local."""
-
-    def time(self, node, an):
-        q, k, v = node.args[:3]
-        infos = [an.info(t) for t in (q, k, v)]
-        nd = q.meta["val"].dim()
-        if any(i.is_time and i.dim >= nd - 2 for i in infos):
-            raise Refusal("attention over the time axis (query/key positions are frames)",
-                          "attention over time is not supported by this compiler yet")
-        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        return join(an, node, args, lambda arg, info: info.dim)
-
-
 @register_op(aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
              aten.softmax.int, aten.log_softmax.int)
 class AlongAxis(OpRule):

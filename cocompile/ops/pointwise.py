@@ -33,10 +33,10 @@ def join(an, node, args: list, out_dim_of, contracted=()) -> TimeInfo:
         raise Refusal(f"the inputs of this join run at different frame rates ({rates} of the input)",
                       "give both branches the same cumulative temporal stride")
     k = dims.pop()
-    for a, i in infos:
-        if not i.is_time and a not in contracted and _size_at(a, node, k) != 1:
-            raise Refusal("a constant with one entry per clip frame is combined with the frames "
-                          "(time-position constant)", "make the constant the same for every frame")
+    positional = [a for a, i in infos if not i.is_time and a not in contracted
+                  and _size_at(a, node, k) != 1]
+    if positional:
+        return _by_position(an, node, times, positional, k)
     clips = [i for _, i in infos if i.kind == CLIP]
     if clips and not an.approximate:
         raise Refusal("a value reduced over the whole clip is broadcast back onto its frames "
@@ -48,6 +48,22 @@ def join(an, node, args: list, out_dim_of, contracted=()) -> TimeInfo:
         an.aligned(a, warmup)
     return first.replace(dim=k, warmup=warmup, rf=max(i.rf for _, i in times + [(None, c) for c in clips]),
                          padded=any(i.padded for _, i in infos), approx=bool(clips) or any(i.approx for _, i in infos))
+
+
+def _by_position(an, node, times, positional, k) -> TimeInfo:
+    """A constant with one entry per clip position (a position encoding), or a per-step value
+    that kept its positions, is combined with the frames: each frame's term changes as the window
+    slides, so the join (and what follows) is computed on the whole window each step, from cached
+    frames. Exact for the sliding window (E2)."""
+    first = times[0][1]
+    if first.merged or any(_size_at(a, node, k) != first.length for a in positional):
+        raise Refusal("a constant indexed along the time axis does not have one entry per frame "
+                      "of the clip (time-position constant)",
+                      "make the constant the same for every frame, or one entry per clip frame")
+    windows = [an.convert(a, "window") for a, _ in times]
+    return windows[0].replace(dim=k, ready=max(w.ready for w in windows),
+                              rf=max(w.rf for w in windows),
+                              padded=any(w.padded for w in windows))
 
 
 def _size_at(arg, node, k: int) -> int:
