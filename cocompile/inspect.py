@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import module_path, op_name
 from .model import ContinualModel
+from .ops.conv_forms import FORM_META
 from .ops.registry import rule_for
 from .ops.window import WindowRule
 from .step import StepInterpreter
@@ -23,6 +24,7 @@ class Layer:
     module: str
     op: str
     window: str          # kernel/stride/padding/dilation along time ("clip" for clip reductions)
+    form: str            # step form of a temporal conv (window / fold / partial; see conv_forms)
     lag: int             # input frames this value trails the stream (per-frame) or needs (clip)
     rf: int              # receptive field in input frames
     state_bytes: int     # per stream
@@ -49,11 +51,11 @@ class Inspection:
         return sum(r.state_bytes for r in self.layers)
 
     def __str__(self) -> str:
-        head = f"{'module':<28}{'op':<26}{'k/s/p/d (time)':<16}{'lag':>5}{'rf':>5}{'state B':>10}" \
-               f"{'FLOPs/step':>13}{'FLOPs/clip':>13}"
+        head = f"{'module':<28}{'op':<26}{'k/s/p/d (time)':<16}{'form':<9}{'lag':>5}{'rf':>5}" \
+               f"{'state B':>10}{'FLOPs/step':>13}{'FLOPs/clip':>13}"
         rows = [head, "-" * len(head)]
         for r in self.layers:
-            rows.append(f"{r.module[:27]:<28}{r.op[:25]:<26}{r.window:<16}{r.lag:>5}{r.rf:>5}"
+            rows.append(f"{r.module[:27]:<28}{r.op[:25]:<26}{r.window:<16}{r.form:<9}{r.lag:>5}{r.rf:>5}"
                         f"{r.state_bytes:>10}{r.flops_step:>13,}{r.flops_clip:>13,}")
         ideal = self.flops_clip * self.step_frames / self.clip_length
         rows.append("-" * len(head))
@@ -61,6 +63,9 @@ class Inspection:
                     f"{self.flops_clip:,} per clip of {self.clip_length} "
                     f"(ideal {ideal:,.0f}; step/ideal {self.flops_step / ideal if ideal else 0:.3f}); "
                     f"state {self.state_bytes:,} bytes per stream")
+        if any(r.form for r in self.layers):
+            rows.append("form: how a temporal conv steps (window: conv over buffered input frames; fold: "
+                        "taps folded into channels; partial: partial sums kept; *: forced)")
         return "\n".join(rows)
 
 
@@ -116,6 +121,12 @@ def _window(node) -> str:
     return ""
 
 
+def _form(node) -> str:
+    """The step form of a temporal conv, as chosen (measured, cached, forced) by choose_forms."""
+    form = node.meta.get(FORM_META)
+    return "" if form is None else form.name + ("*" if form.how == "forced" else "")
+
+
 def inspect(co: ContinualModel) -> Inspection:
     """Per-layer table of a compiled model: temporal window, lag, receptive field, state, FLOPs.
 
@@ -135,6 +146,6 @@ def inspect(co: ContinualModel) -> Inspection:
             continue
         lag = info.lag() if isinstance(info, TimeInfo) else 0
         rf = info.rf if isinstance(info, TimeInfo) else 0
-        rows.append(Layer(module_path(node) or "<top>", op_name(node), window, lag, rf, state_bytes,
-                          int(step.get(node.name, 0)), int(clip.get(node.name, 0))))
+        rows.append(Layer(module_path(node) or "<top>", op_name(node), window, _form(node), lag, rf,
+                          state_bytes, int(step.get(node.name, 0)), int(clip.get(node.name, 0))))
     return Inspection(rows, co.step_frames, co.clip_length)

@@ -77,7 +77,7 @@ def _store(gm, consts, site: _Site, form: str) -> str | None:
     if form == "window" or weight is None:
         return None
     name = f"cocompile_{form}_{site.node.name}"
-    gm.register_buffer(name, prepare(form, weight, site.geometry))
+    gm.register_buffer(name, prepare(form, weight.detach(), site.geometry))
     return name
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import CompileError
+
 aten = torch.ops.aten
 
 FORM_META = "cocompile.conv_form"        # node.meta key of a convolution's ConvForm
@@ -76,7 +78,8 @@ def forced_form() -> str | None:
     if value in ("", "auto"):
         return None
     if value not in FORMS:
-        raise ValueError(f"{FORCE_ENV}={value!r}: expected one of {', '.join(FORMS)} or auto")
+        raise CompileError(f"{FORCE_ENV}={value!r} names no convolution step form",
+                           hint=f"set it to one of {', '.join(FORMS)}, or unset it to measure")
     return value
 
 
@@ -101,15 +104,16 @@ def prepare(form: str, weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """The weight as `form` uses it (computed once per compile when the weight is constant).
 
     fold:    (Cout, Cin/g*k, *other kernel axes), channel ci*k + tap.
-    partial: (g*k*Cout/g, Cin/g, *kernel axes with 1 along time), output channel
-             (group, position, o) where position i holds tap k-1-i (see accumulate()).
+    partial: (g*k*Cout/g, Cin/g, *kernel axes, 1 along time unless a step brings one frame),
+             output channel (group, position, o): position i holds tap k-1-i (see contributions()).
     """
     if form == "fold":
         return weight.movedim(g.d, 2).flatten(1, 2).contiguous()
     if form == "partial":
         w = weight.unflatten(0, (g.groups, g.cout // g.groups))       # time now on axis d+1
         w = w.flip(g.d + 1).movedim(g.d + 1, 1)                       # (g, k, Cout/g, Cin/g, ...)
-        return w.flatten(0, 2).unsqueeze(g.d).contiguous()
+        w = w.flatten(0, 2)                          # one frame per step: no time axis at all
+        return (w if g.frames == 1 else w.unsqueeze(g.d)).contiguous()
     return weight
 
 
@@ -154,9 +158,11 @@ def fold(buf: torch.Tensor, wf: torch.Tensor, bias, a: dict, g: ConvGeometry) ->
 def tap_outputs(x: torch.Tensor, wp: torch.Tensor, a: dict, g: ConvGeometry) -> torch.Tensor:
     """Every tap applied to every new frame: (N, g, k, Cout/g, ..., n along d+2, ...), position i
     holding tap k-1-i (wp = prepare("partial", weight), kernel 1 along time)."""
+    has_time = wp.dim() == x.dim()                   # prepared for steps of more than one frame
     if x.shape[g.d] == 1:                            # one frame: a conv with one axis less
-        z = conv_no_time(x.squeeze(g.d), wp.squeeze(g.d), None, a, g.d).unsqueeze(g.d)
+        z = conv_no_time(x.squeeze(g.d), wp.squeeze(g.d) if has_time else wp, None, a, g.d).unsqueeze(g.d)
     else:
+        wp = wp if has_time else wp.unsqueeze(g.d)   # (the flush may bring several frames)
         j, nd = g.d - 2, x.dim() - 2
         z = aten.convolution.default(x, wp, None, _set(a["stride"], j, 1, nd), _set(a["padding"], j, 0, nd),
                                      _set(a["dilation"], j, 1, nd), False, [0] * nd, a["groups"])

@@ -1,0 +1,178 @@
+"""Step forms of temporal convolutions (cocompile/ops/conv_forms.py, passes/choose_forms.py).
+
+Oracles: aten.convolution itself for the algebra of each form; the untouched offline model for
+whole networks (E1, and E2 where there is no zero padding), with every form forced in turn through
+COCOMPILE_CONV_FORM; the eager continual model for the ONNX artifact (E4).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import cocompile
+from archs import Net, architectures
+from cocompile.ops.conv_forms import FORCE_ENV, FORM_META, FORMS, ConvGeometry, fold, partial, prepare
+from cocompile.passes.choose_forms import cache_dir
+from test_export import e4
+
+EXAMPLES = max(10, int(os.environ.get("COCOMPILE_PROPERTY_EXAMPLES", "200")) // 5)
+aten = torch.ops.aten
+
+
+@pytest.fixture(params=FORMS)
+def form(request, monkeypatch):
+    """Every temporal conv of the models compiled in the test steps in this form where it applies."""
+    monkeypatch.setenv(FORCE_ENV, request.param)
+    return request.param
+
+
+def conv_forms_of(co) -> dict:
+    return {n.name: n.meta[FORM_META] for n in co.program.gm.graph.nodes if FORM_META in n.meta}
+
+
+# -- the algebra of one conv, against aten.convolution ---------------------------------------------
+def _conv(x, w, b, nd, d, dil, groups):
+    pad, dils = [1] * nd, [1] * nd
+    pad[d - 2], dils[d - 2] = 0, dil
+    a = dict(stride=[1] * nd, padding=pad, dilation=dils, groups=groups)
+    return aten.convolution(x, w, b, [1] * nd, pad, dils, False, [0] * nd, groups), a
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_fold_and_partial_compute_the_convolution(nd):
+    """fold: the first output frame of a window; partial: a stream fed n frames at a time from zero
+    partial sums, then flushed, equals the conv of the zero-padded signal (float64, exact)."""
+    torch.manual_seed(0)
+    for d, k, dil, groups, n in itertools.product(range(2, 2 + nd), (2, 3), (1, 2, 3), (1, 2, 4), (1, 2, 3, 5)):
+        cin, cout, e, T = 4, 8, dil * (k - 1) + 1, 12 * n
+        shape, kernel = [2, cin] + [4] * nd, [cout, cin // groups] + [3] * nd
+        shape[d], kernel[d] = T, k
+        x, w, b = torch.randn(shape).double(), torch.randn(kernel).double(), torch.randn(cout).double()
+        g = ConvGeometry(d, k, dil, 1, groups, cin, cout, n, e - 1)
+        ref, a = _conv(x, w, b, nd, d, dil, groups)
+        got = fold(x.narrow(d, 0, e), prepare("fold", w, g), b, a, g)
+        torch.testing.assert_close(got, ref.narrow(d, 0, 1), rtol=0, atol=1e-10)
+        # partial sums: e-1 zero frames of start padding, the stream, then e-1 frames of flush
+        padded = torch.cat([x.new_zeros(*x.shape[:d], e - 1, *x.shape[d + 1:])] * 1 + [x] +
+                           [x.new_zeros(*x.shape[:d], e - 1, *x.shape[d + 1:])], d)
+        ref, _ = _conv(padded, w, b, nd, d, dil, groups)
+        wp, sums, outs = prepare("partial", w, g), torch.zeros_like(ref.narrow(d, 0, e - 1)), []
+        for t in range(0, T, n):
+            y, sums = partial(x.narrow(d, t, n), sums, wp, b, a, g, n)
+            outs.append(y)
+        outs.append(partial(x.narrow(d, 0, 0), sums, wp, b, a, g, e - 1)[0])
+        torch.testing.assert_close(torch.cat(outs, d), ref, rtol=0, atol=1e-10)
+
+
+# -- whole networks, every form forced ---------------------------------------------------------
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=bool(os.environ.get("CI")),
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(architectures(), st.sampled_from([1, 2]))
+def test_random_architectures_are_exact_in_every_form(form, arch, multiple):
+    spec, padded, T = arch
+    torch.manual_seed(0)
+    model = Net(spec).eval()
+    shape = [2, spec["in_ch"]] + [3] * spec["nd"]
+    shape[2 + spec["t_axis"]] = T
+    clip = torch.randn(shape)
+    co = cocompile.compile(model, clip[:1], time_dim=2 + spec["t_axis"], trace=False)
+    if multiple > 1 and T % (2 * co.step_frames) == 0:      # more frames per step: n > 1 paths
+        co = cocompile.compile(model, clip[:1], time_dim=2 + spec["t_axis"], trace=False,
+                               step_frames=2 * co.step_frames)
+    report = cocompile.verify(model, co, clip)
+    assert report.passed, f"{form} {spec}\n{report}"
+    assert all(c.claimed for c in report.checks if c.name == "E1")
+    e2 = [c for c in report.checks if c.name == "E2"]
+    if not padded and e2:
+        assert all(c.claimed and c.ok for c in e2), f"{form} {spec}\n{report}"
+
+
+class Stack(nn.Module):
+    """Time on axis `t` of a 3D layout: padded, strided, dilated, grouped convs and a residual."""
+
+    def __init__(self, t: int = 2):
+        super().__init__()
+
+        def ax(along_time, other):
+            return tuple(along_time if i == t - 2 else other for i in range(3))
+
+        self.a = nn.Conv3d(3, 8, ax(3, 3), padding=ax(1, 1))
+        self.b = nn.Conv3d(8, 8, ax(3, 1), padding=ax(2, 0), dilation=ax(2, 1), groups=4)
+        self.c = nn.Conv3d(8, 8, ax(2, 3), stride=ax(2, 1), padding=ax(0, 1))
+        self.d = nn.Conv3d(8, 8, ax(3, 3), padding=ax(1, 1), groups=8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h + self.b(h)
+        h = torch.relu(self.c(h))
+        return h + self.d(h)
+
+
+@pytest.mark.parametrize("t", [2, 3, 4])
+def test_conv_stack_is_exact_and_uses_the_form(form, t):
+    torch.manual_seed(0)
+    model = Stack(t).eval()
+    shape = [2, 3, 6, 6, 6]
+    shape[t] = 16
+    clip = torch.randn(shape)
+    co = cocompile.compile(model, clip[:1], time_dim=t, trace=False)
+    report = cocompile.verify(model, co, clip)
+    assert report.passed, f"{form}\n{report}"
+    forms = conv_forms_of(co)
+    assert len(forms) == 4 and all(f.how == "forced" for f in forms.values())
+    # step_frames 2 (stride 2 in c): two frames reach a, b; one frame (its stride) reaches c, d
+    expected = {"window": ["window"] * 4, "fold": ["window", "window", "fold", "fold"],
+                "partial": ["partial", "partial", "window", "partial"]}[form]
+    assert [f.name for f in forms.values()] == expected
+    # partial sums: the state holds output frames (e-1 of them), the window form input frames
+    spec = next(s for s in co.specs if s.name == "state.a")
+    assert spec.shape[t - 1] == 2 and spec.shape[0] == (8 if form == "partial" else 3)
+
+
+def test_onnx_artifact_reproduces_every_form(form, tmp_path):
+    """E4 in onnxruntime, and the exported step reads prepared weights as they are (no reshape of
+    a parameter in every step)."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    co = cocompile.compile(model, torch.randn(1, 3, 8, 6, 6), time_dim=2)
+    assert e4(co, str(co.export(tmp_path / "co.onnx"))) <= 1e-5
+    convs = [n for n in co._step_fn.graph.nodes if n.target is aten.convolution.default]
+    assert len(convs) == 4 and all(n.args[1].op in ("get_attr", "placeholder") for n in convs)
+
+
+# -- the choice ------------------------------------------------------------------------------
+def test_forms_are_measured_cached_and_reported(monkeypatch, tmp_path):
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    model, clip = Stack().eval(), torch.randn(1, 3, 8, 6, 6)
+    first = conv_forms_of(cocompile.compile(model, clip, time_dim=2, trace=False))
+    assert cache_dir() == str(tmp_path / "cocompile" / "conv_forms")
+    entries = sorted(os.listdir(cache_dir()))
+    assert len(entries) == sum(len(f.ms) for f in first.values()) > 0
+    assert all(json.load(open(os.path.join(cache_dir(), e)))["ms"] > 0 for e in entries)
+    for f in first.values():
+        assert f.how in ("measured", "only")
+        if f.ms:                                    # the fastest measured form is the one used
+            assert "window" in f.ms and f.name == min(f.ms, key=f.ms.get)
+    co = cocompile.compile(model, clip, time_dim=2, trace=False)
+    again = conv_forms_of(co)
+    assert {k: (f.name, f.ms) for k, f in again.items()} == {k: (f.name, f.ms) for k, f in first.items()}
+    assert all(f.how in ("cached", "only") for f in again.values())
+    table = str(cocompile.inspect(co))
+    assert "form" in table.splitlines()[0]
+    for f in again.values():
+        assert f.name in table
+
+
+def test_a_form_that_does_not_exist_is_refused(monkeypatch):
+    monkeypatch.setenv(FORCE_ENV, "fast")
+    with pytest.raises(cocompile.CompileError, match=FORCE_ENV):
+        cocompile.compile(nn.Conv1d(2, 2, 3), torch.randn(1, 2, 8), trace=False)
