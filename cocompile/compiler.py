@@ -12,6 +12,7 @@ from cocompile.passes.demand import analyse_demand
 from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
+from cocompile.passes.split_projections import split_projections
 from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
 
 from . import ops  # noqa: F401  (registers the op rules)
@@ -54,6 +55,8 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     cap = capture(model, example_input, time_dim, decompose)
     # rewrite: eval BatchNorm folded into the convolution before it (one op less per step)
     fold_batchnorm(cap.gm, cap.consts)
+    # rewrite: packed q/k/v projections split, so a query can be projected alone
+    split_projections(cap.gm)
     inputs = {cap.input_name: time_dim}
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
     TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()

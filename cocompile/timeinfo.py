@@ -10,6 +10,7 @@ from torch.fx.node import map_arg
 META = "cocompile.time"        # node.meta key of a node's TimeInfo (a tuple of them for tuple outputs)
 STATE_META = "cocompile.state"  # node.meta key of the StateSpecs a stateful node keeps
 DEMAND = "cocompile.demand"     # node.meta key: which frames of the value the outputs read
+READS = "cocompile.reads"       # node.meta key: {input: which of its frames the node reads}
 
 TIME, CLIP, WINDOW, STATIC = "time", "clip", "window", "static"
 NEWEST, ALL = "newest", "all"   # demand: only the frames of the current step, or every frame

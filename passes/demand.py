@@ -3,7 +3,7 @@
 Invariant left behind: node.meta["cocompile.demand"] is "newest" for every value of which the
 model's outputs read only the positions that the current step produces (through per-position ops
 down to `x[:, -1]`, or as the queries of an attention read that way), and "all" for every other
-value. It runs backwards over the graph annotated by the time analysis; the analysis run after it
+value; node.meta["cocompile.reads"] maps each input of a node to what the node reads of it. It runs backwards over the graph annotated by the time analysis; the analysis run after it
 uses the demand to pick single-output attention and to cut windows to their newest frames.
 
     >>> analyse_demand(gm)   # gm annotated by TimeAnalysis
@@ -19,7 +19,7 @@ from torch import fx
 from cocompile.ops.delay import delay_frames
 from cocompile.ops.registry import rule_for
 from cocompile.ops.window import WindowRule
-from cocompile.timeinfo import ALL, DEMAND, META, NEWEST, TIME, WINDOW, TimeInfo
+from cocompile.timeinfo import ALL, DEMAND, META, NEWEST, READS, TIME, WINDOW, TimeInfo
 
 aten = torch.ops.aten
 _POSITIONS = (TIME, WINDOW)
@@ -31,6 +31,8 @@ def analyse_demand(gm: fx.GraphModule) -> None:
             continue
         wants = [_wanted(user, node) for user in node.users]
         node.meta[DEMAND] = NEWEST if wants and all(w == NEWEST for w in wants) else ALL
+        for user in node.users:
+            user.meta.setdefault(READS, {})[node] = _wanted(user, node)
 
 
 def _info(node) -> TimeInfo | None:

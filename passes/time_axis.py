@@ -18,7 +18,7 @@ from torch import fx
 from cocompile.errors import NoRule, Refusal, error_at
 from cocompile.ops.clip import ClipWindow
 from cocompile.ops.registry import OpRule, rule_for
-from cocompile.timeinfo import (ALL, CLIP, DEMAND, META, NEWEST, STATIC_INFO, TIME, WINDOW,
+from cocompile.timeinfo import (CLIP, META, NEWEST, READS, STATIC_INFO, TIME, WINDOW,
                                 TimeInfo, static_like)
 
 
@@ -132,10 +132,9 @@ class TimeAnalysis:
         if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
             return STATIC_INFO          # symbolic sizes and other scalars: batch-only arithmetic
         rule = rule_for(node.target)
-        if not getattr(rule, "reads_windows", False) and self._kinds(node) >= {WINDOW}:
-            if TIME in self._kinds(node):
-                self._meet(node)        # frames meet a window: convert one side
-            if WINDOW in self._kinds(node):
+        if not getattr(rule, "reads_windows", False) and WINDOW in self._kinds(node):
+            self._meet(node)            # cut windows read only at the newest frames; or
+            if WINDOW in self._kinds(node):   # frames meet windows: the frames become windows
                 return self._on_windows(node, rule)
         if not self._kinds(node) & {TIME, WINDOW}:
             # no frames flow in: the op runs as captured on constants or clip-level values
@@ -152,17 +151,23 @@ class TimeAnalysis:
             self._rule = None
 
     def _meet(self, node):
-        """Streamed frames and a whole window meet in `node`: if only the step's newest frames of
-        the result are read, cut the windows to them; otherwise turn the frames into windows."""
-        newest = node.meta.get(DEMAND, ALL) == NEWEST
+        """Streamed frames and a whole window meet in `node`: windows of which it reads only the
+        newest frames are cut to them; if windows remain, the frames become windows."""
+        reads = node.meta.get(READS, {})
         for a in tensor_args(node):
-            info = a.meta[META]
-            if isinstance(info, TimeInfo) and info.kind == (WINDOW if newest else TIME):
-                self._seen_as[a] = self.convert(a, "newest" if newest else "window")
+            if self._kind(a) == WINDOW and reads.get(a) == NEWEST:
+                self._seen_as[a] = self.convert(a, "newest")
+        if WINDOW in self._kinds(node):
+            for a in tensor_args(node):
+                if self._kind(a) == TIME:
+                    self._seen_as[a] = self.convert(a, "window")
+
+    def _kind(self, a) -> str | None:
+        info = self._seen_as.get(a, a.meta.get(META))
+        return info.kind if isinstance(info, TimeInfo) else None
 
     def _kinds(self, node) -> set:
-        infos = [self._seen_as.get(a, a.meta.get(META)) for a in tensor_args(node)]
-        return {i.kind for i in infos if isinstance(i, TimeInfo)}
+        return {self._kind(a) for a in tensor_args(node)} - {None}
 
     def _on_windows(self, node, rule):
         """An op on whole windows runs as captured; its rule (run as if the windows were streamed

@@ -243,3 +243,19 @@ class Attention(OpRule):
         names = [a.name for a in node.target._schema.arguments]
         i = names.index(name)
         return args[i] if i < len(args) else kwargs[name]
+
+
+def _count_cpu_attention() -> None:
+    """torch's FLOP counter knows the GPU attention kernels only; count the CPU one the same way
+    (so that `cocompile inspect` and the benchmarks see attention's FLOPs)."""
+    from torch.utils import flop_counter as fc
+    op = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fc.flop_registry or not hasattr(fc, "sdpa_flop_count"):
+        return
+
+    @fc.register_flop_formula(op)
+    def _flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_count_cpu_attention()

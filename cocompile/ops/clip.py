@@ -42,17 +42,20 @@ class ClipWindow:
                          rf=int(x.rf + (x.length - 1) / x.rate))
 
     @staticmethod
-    def states(arg, x: TimeInfo, key: str = "clip") -> dict:
-        return {key: (frames_shape(arg, x, x.length), arg.meta["val"].dtype,
-                      f"last {x.length} frames of {arg.name}, read as a whole each step")}
+    def states(arg, x: TimeInfo, key: str = "clip", frames: int | None = None) -> dict:
+        n = x.length if frames is None else frames
+        return {key: (frames_shape(arg, x, n), arg.meta["val"].dtype,
+                      f"last {n} frames of {arg.name}, read as a whole each step")}
 
     @staticmethod
-    def frames(ctx, node, arg, x, key: str = "clip"):
-        """The last L frames of `arg` after this step's chunk `x` (the state is updated)."""
+    def frames(ctx, node, arg, x, key: str = "clip", frames: int | None = None):
+        """The last L frames of `arg` after this step's chunk `x` (the state is updated); L is
+        the value's clip length unless `frames` says fewer are read."""
         info = ctx.info(arg)
         xu, t = split_time(x, info, ctx.batch)
         wu, _ = split_time(ctx.state(node, key), info, ctx.batch)
-        window = merge_time(last_frames(cat_frames(wu, xu, t), t, info.length), info)
+        n = info.length if frames is None else frames
+        window = merge_time(last_frames(cat_frames(wu, xu, t), t, n), info)
         if ctx.mode == "step":
             ctx.set_state(node, key, window)
         return window
@@ -107,20 +110,35 @@ class Reduction(OpRule):
 
 @register_op(aten.select.int)
 class Select(Reduction):
-    """Picking one frame out of the clip (`x[:, -1]`) reads the window; other axes are frame-local."""
+    """Picking one frame out of the clip (`x[:, -1]`) keeps only the frames from it to the end
+    (one, for the newest); other axes are frame-local."""
 
     def axes(self, node):
         return [node.args[1]]
 
+    def _keep(self, node, x: TimeInfo) -> int | None:
+        return None if x.merged else x.length - node.args[2] % x.length
+
+    def states(self, node, an):
+        x = an.info(node.args[0])
+        if not self._over_time(node, x):
+            return {}
+        return ClipWindow.states(node.args[0], x, frames=self._keep(node, x))
+
     def step(self, node, args, kwargs, ctx):
-        if not self._over_time(node, ctx.info(node.args[0])):
+        x = ctx.info(node.args[0])
+        if not self._over_time(node, x):
             return node.target(*args, **kwargs)
-        return ClipWindow.step(ctx, node, node.args[0], args[0],
-                               lambda w: aten.select.int(w, args[1], args[2]))
+        keep = self._keep(node, x)
+        w = ClipWindow.frames(ctx, node, node.args[0], args[0], frames=keep)
+        return aten.select.int(w, args[1], args[2] if keep is None else 0)
 
 
 @register_op(aten.index_select.default)
-class IndexSelect(Select):
+class IndexSelect(Reduction):
+    def axes(self, node):
+        return [node.args[1]]
+
     def time(self, node, an):
         x = an.info(node.args[0])
         return ClipWindow.time(an, node.args[0]) if self._over_time(node, x) else x
