@@ -1,15 +1,14 @@
 """compile(): the whole pipeline, one pass per line."""
 from __future__ import annotations
 
-import warnings
-
 import torch
-from torch.export import Dim, export
 
 from cocompile.passes.assign_states import assign_states
 from cocompile.passes.choose_forms import choose_forms
 from cocompile.passes.demand import analyse_demand
 from cocompile.passes.fold_batchnorm import fold_batchnorm
+from cocompile.passes.fold_constants import fold_constants
+from cocompile.passes.fold_positions import fold_positions
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
 from cocompile.passes.split_projections import split_projections
@@ -19,7 +18,7 @@ from . import ops  # noqa: F401  (registers the op rules)
 from .capture import capture, check_example
 from .errors import CompileError
 from .model import ContinualModel
-from .step import StepProgram
+from .step import StepProgram, TracedStep
 from .timeinfo import META
 
 
@@ -28,8 +27,9 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
             trace: bool = True) -> ContinualModel:
     """Compile an offline clip model into a continual model that reads frames as they arrive.
 
-    trace=False skips tracing the step into a plain ATen graph: steps then run the graph
-    interpreter (slower per step, quicker to compile; artifacts trace on export).
+    With trace=True the first step of each batch size traces the step into a plain ATen graph
+    (about as long as one interpreted step of a large model) that later steps run; trace=False
+    keeps running the graph interpreter (slower per step). Artifacts trace on export either way.
 
     >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 64, 64), time_dim=2)
     >>> torch.testing.assert_close(co.forward_steps(clip), model(clip))
@@ -57,6 +57,10 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     fold_batchnorm(cap.gm, cap.consts)
     # rewrite: packed q/k/v projections split, so a query can be projected alone
     split_projections(cap.gm)
+    # rewrite: position encodings folded through the Linears after them (cached projections stay)
+    fold_positions(cap.gm, cap.input_name)
+    # rewrite: values computed from constants only (weight slices, projected tables) computed once
+    fold_constants(cap.gm, cap.consts, cap.input_name)
     inputs = {cap.input_name: time_dim}
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
     TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
@@ -80,9 +84,9 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     choose_forms(cap.gm, cap.consts, c)
     # state: one named buffer per temporal window, delay and clip window, plus the frame counter
     specs = assign_states(cap.gm, an)
-    # step program: the graph run per chunk by the step rules, traced into a plain ATen step graph
+    # step program: the graph run per chunk by the step rules; traced per batch size on first use
     program = StepProgram(cap.gm, cap.consts, cap.input_name, specs, c, T)
-    step_fn = _trace(program, example_input, time_dim, cap.dynamic_batch) if trace else program
+    step_fn = TracedStep(program) if trace else program
     out_infos = list(next(n for n in cap.gm.graph.nodes if n.op == "output").meta[META])
     return ContinualModel(program, step_fn, cap.out_spec, out_infos, example_input, time_dim, approximate)
 
@@ -99,21 +103,3 @@ def _step_frames(gm, wanted: int | None, clip_length: int) -> int:
                            hint=f"use a clip of {clip_length - clip_length % c or c} frames, or a "
                                 "step_frames that divides the clip length")
     return c
-
-
-def _trace(program: StepProgram, example: torch.Tensor, time_dim: int, dynamic: bool):
-    """torch.export the step program (batch dynamic) and return its callable module."""
-    batch = 2 if dynamic else example.shape[0]
-    shape = list(example.shape)
-    shape[0], shape[time_dim] = batch, program.step_frames
-    args = (torch.zeros(shape, dtype=example.dtype),
-            *(torch.zeros((batch, *s.shape), dtype=s.dtype) for s in program.specs))
-    b = Dim("batch")
-    dyn = ({0: b}, {0: b}, tuple({0: b} for _ in args[2:])) if dynamic else None
-    try:
-        with torch.no_grad():
-            return export(program, args, dynamic_shapes=dyn).module()
-    except Exception as err:  # noqa: BLE001 - the eager interpreter still computes the same step
-        warnings.warn(f"the step program could not be traced ({str(err).splitlines()[0]}); "
-                      "stepping runs the graph interpreter", stacklevel=3)
-        return program

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import Refusal
 from ..timeinfo import CLIP, WINDOW, TimeInfo
-from .frames import cat_frames, frames_shape, last_frames, split_time, merge_time
+from .frames import cat_frames, frames_shape, last_frames, merge_time, split_time, stream_axis
 from .registry import OpRule, register_op
 from .schema import bind
 
@@ -44,20 +44,20 @@ class ClipWindow:
     @staticmethod
     def states(arg, x: TimeInfo, key: str = "clip", frames: int | None = None) -> dict:
         n = x.length if frames is None else frames
-        return {key: (frames_shape(arg, x, n), arg.meta["val"].dtype,
+        return {key: (frames_shape(arg, x, n, stream_axis(arg)), arg.meta["val"].dtype,
                       f"last {n} frames of {arg.name}, read as a whole each step")}
 
     @staticmethod
     def frames(ctx, node, arg, x, key: str = "clip", frames: int | None = None):
         """The last L frames of `arg` after this step's chunk `x` (the state is updated); L is
         the value's clip length unless `frames` says fewer are read."""
-        info = ctx.info(arg)
+        info, axis = ctx.info(arg), stream_axis(arg)
         xu, t = split_time(x, info, ctx.batch)
-        wu, _ = split_time(ctx.state(node, key), info, ctx.batch)
+        wu, _ = split_time(ctx.state(node, key).movedim(0, axis), info, ctx.batch)
         n = info.length if frames is None else frames
         window = merge_time(last_frames(cat_frames(wu, xu, t), t, n), info)
         if ctx.mode == "step":
-            ctx.set_state(node, key, window)
+            ctx.set_state(node, key, window.movedim(axis, 0))   # states keep the stream first
         return window
 
     @staticmethod

@@ -54,14 +54,25 @@ def last_frames(x: torch.Tensor, t: int, n: int) -> torch.Tensor:
     return x.narrow(t, x.shape[t] - n, n)
 
 
-def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int) -> tuple:
-    """Shape of `frames` frames of the value `node` (a state's shape). Axis 0 stays as captured:
-    the batch symbol, or a multiple of it where the model folds e.g. persons into the batch."""
+def stream_axis(node: torch.fx.Node) -> int:
+    """The axis of `node`'s value that holds the batch (0 unless a layout moved it, e.g. the
+    (T, N, E) layout of attention's projections)."""
+    shape = symbolic_shape(node)
+    if not shape or not isinstance(shape[0], int):
+        return 0
+    return next((i for i, s in enumerate(shape) if not isinstance(s, int)), 0)
+
+
+def frames_shape(node: torch.fx.Node, info: TimeInfo, frames: int, axis: int = 0) -> tuple:
+    """Shape of `frames` frames of the value `node` (a state's shape), with the stream `axis`
+    moved first. Axis 0 then holds the batch symbol, or a multiple of it where the model folds
+    e.g. persons into the batch."""
     shape = list(symbolic_shape(node))
     if any(isinstance(e, sympy.Expr) and not e.is_Integer for e in (info.outer, info.inner)):
         raise Refusal("time is merged with the batch axis here, so a per-stream state cannot be kept",
                       "keep batch and time on separate axes around temporal ops")
     shape[info.dim] = int(info.outer) * frames * int(info.inner)
+    shape.insert(0, shape.pop(axis))
     if any(not isinstance(s, int) for s in shape[1:]):
         raise Refusal(f"a state would need a batch-dependent shape {shape}",
                       "keep the batch on axis 0 and out of other axes")
