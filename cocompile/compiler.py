@@ -9,6 +9,7 @@ from cocompile.passes.demand import analyse_demand
 from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.fold_constants import fold_constants
 from cocompile.passes.fold_positions import fold_positions
+from cocompile.passes.fuse_attention import fuse_attention
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
 from cocompile.passes.split_projections import split_projections
@@ -55,6 +56,8 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     cap = capture(model, example_input, time_dim, decompose)
     # rewrite: eval BatchNorm folded into the convolution before it (one op less per step)
     fold_batchnorm(cap.gm, cap.consts)
+    # rewrite: attention written as matmul-softmax-matmul becomes one attention op
+    fuse_attention(cap.gm)
     # rewrite: packed q/k/v projections split, so a query can be projected alone
     split_projections(cap.gm)
     # rewrite: position encodings folded through the Linears after them (cached projections stay)

@@ -12,6 +12,9 @@ aten = torch.ops.aten
 
 _MIX = ("a matrix product contracts over an axis that holds time, so every output mixes frames "
         "(e.g. a Linear over flattened time x features)")
+_ATTN_FIX = ("if this is attention, compute it with F.scaled_dot_product_attention, or keep the "
+             "attention weights unread outside it (nn.MultiheadAttention(need_weights=False)), "
+             "so that cocompile can recognise it and stream it")
 _MIX_FIX = ("reduce over time first (mean or pooling), or apply the layer per frame with time kept "
             "on its own axis")
 
@@ -26,7 +29,7 @@ class MatMul(OpRule):
         ia, ib = an.info(a), an.info(b)
         if ia.is_time and ib.is_time and ia.dim >= self.lead:
             raise Refusal("both operands of a matrix product carry time (attention over time mixes "
-                          "frames)", "attention over time is not supported by this compiler yet")
+                          "frames)", _ATTN_FIX)
         out_dim = {}
         for arg, info, free in ((a, ia, self.lead), (b, ib, self.lead + 1)):
             if not info.is_time:
@@ -134,7 +137,7 @@ class BroadcastMatMul(OpRule):
                 raise Refusal(_MIX, _MIX_FIX)
         if len(out_dim) == 2 and len(set(out_dim.values())) > 1:
             raise Refusal("both operands of a matrix product carry time (attention over time mixes "
-                          "frames)", "attention over time is not supported by this compiler yet")
+                          "frames)", _ATTN_FIX)
         fixed = [x for x in (a, b) if x not in out_dim]
         return join(an, node, [a, b], lambda arg, info: out_dim[arg], contracted=fixed)
 
@@ -154,7 +157,7 @@ class Einsum(OpRule):
         times = {letters[i][an.info(o).dim] for i, o in enumerate(operands) if an.info(o).is_time}
         if len(times) > 1:
             raise Refusal("einsum operands carry time on different letters (attention over time)",
-                          "attention over time is not supported by this compiler yet")
+                          _ATTN_FIX)
         letter = times.pop()
         if letter not in out:
             raise Refusal(_MIX, _MIX_FIX)
