@@ -59,6 +59,7 @@ def capture(model, example: torch.Tensor, time_dim: int,
             m.training = mode
     if decompose:
         ep = ep.run_decompositions()
+    _drop_eval_dropout(ep.graph_module.graph)
     ep.graph_module.graph.eliminate_dead_code()     # e.g. unused max-pool indices
     ep.graph_module.recompile()
     sig = ep.graph_signature
@@ -71,6 +72,21 @@ def capture(model, example: torch.Tensor, time_dim: int,
         else:
             consts[spec.arg.name] = ep.constants[spec.target]
     return Captured(ep.graph_module, consts, user[0], ep.call_spec.out_spec, dynamic)
+
+
+_DROPOUTS = {getattr(torch.ops.aten, name).default for name in (
+    "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+    "feature_alpha_dropout", "feature_alpha_dropout_")}
+
+
+def _drop_eval_dropout(graph: fx.Graph) -> None:
+    """Dropout in eval mode (train=False) is the identity: its input takes its place. Saves an op
+    per step, and the in-place form (nn.Dropout(inplace=True)) would otherwise lack a rule and
+    cost the decomposed retry (a second export)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _DROPOUTS and node.args[2:3] == (False,):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
 
 
 def _export(model, example):

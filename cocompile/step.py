@@ -2,15 +2,22 @@
 
 `StepProgram.forward(x_chunk, frames, *states) -> (*outputs, frames + c, *next_states)` interprets
 the annotated graph with each node's step rule (JAX-style: the transformation is an interpreter).
-It is then traced by torch.export into a plain ATen step graph for speed and for the artifacts.
+`TracedStep` runs it as a plain ATen graph traced per batch size on the first step of that size
+(make_fx on fake tensors: no arithmetic, no symbolic shapes); the artifacts torch.export it with a
+dynamic batch when they are written (cocompile.export).
 `StepProgram.flush(states)` runs the same graph once more in flush mode: every temporal op is fed
 its own end-of-clip padding and emits the offline frames still missing.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import _disable_current_modes
 
+from .errors import CompileError
 from .ops.frames import meta_shape
 from .ops.registry import StateSpec, rule_for
 from .timeinfo import META, STATE_META, TimeInfo, steps_by_rule
@@ -91,3 +98,52 @@ class StepProgram(torch.nn.Module):
         named = {s.name: t for s, t in zip(self.specs[1:], states)}
         it = StepInterpreter(self.gm, "flush", named, frames, self.clip_length)
         return it.run(*self._args(x_empty))
+
+
+class TracedStep:
+    """`program`'s step as plain ATen graphs, one per signature of (x, *state) (in practice one per
+    batch size), each traced on its first call. Tracing interprets the graph once on fake tensors
+    with concrete shapes (make_fx), a fraction of the time of a torch.export with a symbolic batch;
+    pre-dispatch keeps the ops torch.export would (conv3d, linear), so the graph runs what the
+    interpreter runs, minus its per-node Python.
+
+    >>> step = TracedStep(program)
+    >>> outs = step(x_chunk, *state)          # traces for x_chunk.shape[0] streams, then runs
+    """
+
+    def __init__(self, program: StepProgram):
+        self.program = program
+        self.graphs: dict = {}
+
+    def __call__(self, x, *state):
+        key = tuple((t.shape, t.dtype) for t in (x, *state))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._trace(x, state)
+        return graph(x, *state)
+
+    def _trace(self, x, state):
+        """The traced graph for inputs shaped like (x, *state), or the interpreter if it cannot be
+        traced (it computes the same step, only slower)."""
+        _check_state(self.program.specs, state, x.shape[0])
+        # outer dispatch modes (e.g. a FLOP counter around co.step) must see the run, not the trace
+        try:
+            with _disable_current_modes(), torch.no_grad():
+                return make_fx(self.program, tracing_mode="fake", _allow_non_fake_inputs=True,
+                               pre_dispatch=True)(x, *state)
+        except Exception as err:  # noqa: BLE001 - the interpreter still computes the same step
+            warnings.warn(f"the step program could not be traced ({str(err).strip().splitlines()[0]}); "
+                          "stepping runs the graph interpreter", stacklevel=4)
+            return self.program
+
+
+def _check_state(specs: list[StateSpec], state: tuple, batch: int) -> None:
+    """A graph traced for a wrong state would compute garbage silently: name the first misfit."""
+    hint = f"start from co.initial_state({batch}) and pass back the state each step returns"
+    if len(state) != len(specs):
+        raise CompileError(f"expected {len(specs)} state tensors, got {len(state)}", hint=hint)
+    for spec, t in zip(specs, state):
+        want = (batch, *spec.shape)
+        if tuple(t.shape) != want or t.dtype != spec.dtype:
+            raise CompileError(f"state {spec.name} must be {spec.dtype} of shape {want} for {batch} "
+                               f"stream(s), got {t.dtype} of shape {tuple(t.shape)}", hint=hint)
