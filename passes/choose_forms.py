@@ -9,7 +9,8 @@ known and before assign_states, because the form decides the state's shape.
 The fastest form depends on the op's shapes and on the machine, so each applicable form is timed
 on the op's real step shapes (batch 1, one thread, a few repetitions, best of them) and the result
 is cached on disk ($XDG_CACHE_HOME/cocompile/conv_forms, keyed by op, shapes, dtype, torch version
-and form). COCOMPILE_CONV_FORM=window|fold|partial forces a form wherever it applies.
+and form). COCOMPILE_CONV_FORM=window|fold|fold-mm|partial|partial-mm forces a form wherever it applies
+(else its conv flavour, else window).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import time
 import torch
 from torch import fx
 
-from cocompile.ops.conv_forms import (FORM_META, ConvForm, applicable, fold, forced_form, partial,
-                                      prepare)
+from cocompile.ops.conv_forms import (FORM_META, ConvForm, applicable, fallback, fold, forced_form,
+                                      partial, prepare)
 from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
 from cocompile.ops.window import Convolution, plan
@@ -40,7 +41,7 @@ def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
             continue
         forms = applicable(site.geometry)
         if force is not None:
-            name, how, ms = (force if force in forms else "window"), "forced", {}
+            name, how, ms = fallback(force, site.geometry), "forced", {}
         elif len(forms) == 1:
             name, how, ms = "window", "only", {}
         else:
@@ -121,11 +122,11 @@ class _Runs:
 
     def fn(self, form: str):
         g, a, rule, node = self.site.geometry, self.a, self.site.rule, self.site.node
-        if form == "fold":
-            wf = prepare("fold", a["weight"], g)
+        if form.startswith("fold"):
+            wf = prepare(form, a["weight"], g)
             return lambda: fold(self.buf, wf, a["bias"], a, g)
-        if form == "partial":
-            wp = prepare("partial", a["weight"], g)
+        if form.startswith("partial"):
+            wp = prepare(form, a["weight"], g)
             return lambda: partial(self.x, self.sums, wp, a["bias"], a, g, g.frames)
         return lambda: rule.run(node, self.args, self.buf, g.d)
 

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 
+import onnx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -38,32 +39,40 @@ def conv_forms_of(co) -> dict:
 
 
 # -- the algebra of one conv, against aten.convolution ---------------------------------------------
-def _conv(x, w, b, nd, d, dil, groups):
-    pad, dils = [1] * nd, [1] * nd
+def _conv(x, w, b, nd, d, dil, groups, other):
+    """aten.convolution with stride 1, padding other//2 on every axis but time."""
+    pad, dils = [other // 2] * nd, [1] * nd
     pad[d - 2], dils[d - 2] = 0, dil
     a = dict(stride=[1] * nd, padding=pad, dilation=dils, groups=groups)
     return aten.convolution(x, w, b, [1] * nd, pad, dils, False, [0] * nd, groups), a
 
 
+def _cases(nd, pointwise):
+    """(time axis, kernel, dilation, groups, frames per step, form flavour)."""
+    groups, mm = ((1,), "-mm") if pointwise else ((1, 2, 4), "")
+    return itertools.product(range(2, 2 + nd), (2, 3), (1, 2, 3), groups, (1, 2, 3, 5), ("", mm))
+
+
+@pytest.mark.parametrize("pointwise", [False, True])
 @pytest.mark.parametrize("nd", [1, 2, 3])
-def test_fold_and_partial_compute_the_convolution(nd):
+def test_fold_and_partial_compute_the_convolution(nd, pointwise):
     """fold: the first output frame of a window; partial: a stream fed n frames at a time from zero
     partial sums, then flushed, equals the conv of the zero-padded signal (float64, exact)."""
     torch.manual_seed(0)
-    for d, k, dil, groups, n in itertools.product(range(2, 2 + nd), (2, 3), (1, 2, 3), (1, 2, 4), (1, 2, 3, 5)):
+    other = 1 if pointwise else 3
+    for d, k, dil, groups, n, flavour in _cases(nd, pointwise):
         cin, cout, e, T = 4, 8, dil * (k - 1) + 1, 12 * n
-        shape, kernel = [2, cin] + [4] * nd, [cout, cin // groups] + [3] * nd
+        shape, kernel = [2, cin] + [4] * nd, [cout, cin // groups] + [other] * nd
         shape[d], kernel[d] = T, k
         x, w, b = torch.randn(shape).double(), torch.randn(kernel).double(), torch.randn(cout).double()
-        g = ConvGeometry(d, k, dil, 1, groups, cin, cout, n, e - 1)
-        ref, a = _conv(x, w, b, nd, d, dil, groups)
-        got = fold(x.narrow(d, 0, e), prepare("fold", w, g), b, a, g)
+        g = ConvGeometry(d, k, dil, 1, groups, cin, cout, n, e - 1, pointwise)
+        ref, a = _conv(x, w, b, nd, d, dil, groups, other)
+        got = fold(x.narrow(d, 0, e), prepare("fold" + flavour, w, g), b, a, g)
         torch.testing.assert_close(got, ref.narrow(d, 0, 1), rtol=0, atol=1e-10)
         # partial sums: e-1 zero frames of start padding, the stream, then e-1 frames of flush
-        padded = torch.cat([x.new_zeros(*x.shape[:d], e - 1, *x.shape[d + 1:])] * 1 + [x] +
-                           [x.new_zeros(*x.shape[:d], e - 1, *x.shape[d + 1:])], d)
-        ref, _ = _conv(padded, w, b, nd, d, dil, groups)
-        wp, sums, outs = prepare("partial", w, g), torch.zeros_like(ref.narrow(d, 0, e - 1)), []
+        zeros = x.new_zeros(*x.shape[:d], e - 1, *x.shape[d + 1:])
+        ref, _ = _conv(torch.cat([zeros, x, zeros], d), w, b, nd, d, dil, groups, other)
+        wp, sums, outs = prepare("partial" + flavour, w, g), torch.zeros_like(ref.narrow(d, 0, e - 1)), []
         for t in range(0, T, n):
             y, sums = partial(x.narrow(d, t, n), sums, wp, b, a, g, n)
             outs.append(y)
@@ -107,12 +116,13 @@ class Stack(nn.Module):
         self.b = nn.Conv3d(8, 8, ax(3, 1), padding=ax(2, 0), dilation=ax(2, 1), groups=4)
         self.c = nn.Conv3d(8, 8, ax(2, 3), stride=ax(2, 1), padding=ax(0, 1))
         self.d = nn.Conv3d(8, 8, ax(3, 3), padding=ax(1, 1), groups=8)
+        self.e = nn.Conv3d(8, 8, ax(3, 1), padding=ax(1, 0))       # pure temporal kernel
 
     def forward(self, x):
         h = torch.relu(self.a(x))
         h = h + self.b(h)
         h = torch.relu(self.c(h))
-        return h + self.d(h)
+        return self.e(torch.relu(h + self.d(h)))
 
 
 @pytest.mark.parametrize("t", [2, 3, 4])
@@ -126,25 +136,31 @@ def test_conv_stack_is_exact_and_uses_the_form(form, t):
     report = cocompile.verify(model, co, clip)
     assert report.passed, f"{form}\n{report}"
     forms = conv_forms_of(co)
-    assert len(forms) == 4 and all(f.how == "forced" for f in forms.values())
-    # step_frames 2 (stride 2 in c): two frames reach a, b; one frame (its stride) reaches c, d
-    expected = {"window": ["window"] * 4, "fold": ["window", "window", "fold", "fold"],
-                "partial": ["partial", "partial", "window", "partial"]}[form]
+    assert len(forms) == 5 and all(f.how == "forced" for f in forms.values())
+    # step_frames 2 (stride 2 in c): two frames reach a, b; one frame (its stride) reaches c, d, e;
+    # only e is a matrix product over channels (-mm)
+    expected = {"window": ["window"] * 5, "fold": ["window", "window", "fold", "fold", "fold"],
+                "fold-mm": ["window", "window", "fold", "fold", "fold-mm"],
+                "partial": ["partial", "partial", "window", "partial", "partial"],
+                "partial-mm": ["partial", "partial", "window", "partial", "partial-mm"]}[form]
     assert [f.name for f in forms.values()] == expected
     # partial sums: the state holds output frames (e-1 of them), the window form input frames
     spec = next(s for s in co.specs if s.name == "state.a")
-    assert spec.shape[t - 1] == 2 and spec.shape[0] == (8 if form == "partial" else 3)
+    assert spec.shape[t - 1] == 2 and spec.shape[0] == (8 if form.startswith("partial") else 3)
 
 
 def test_onnx_artifact_reproduces_every_form(form, tmp_path):
-    """E4 in onnxruntime, and the exported step reads prepared weights as they are (no reshape of
-    a parameter in every step)."""
+    """E4 in onnxruntime, and the artifact's convs and matrix products read their weights as
+    initializers (prepared once, no reshape of a parameter in every step)."""
     torch.manual_seed(0)
     model = Stack().eval()
     co = cocompile.compile(model, torch.randn(1, 3, 8, 6, 6), time_dim=2)
-    assert e4(co, str(co.export(tmp_path / "co.onnx"))) <= 1e-5
-    convs = [n for n in co._step_fn.graph.nodes if n.target is aten.convolution.default]
-    assert len(convs) == 4 and all(n.args[1].op in ("get_attr", "placeholder") for n in convs)
+    path = str(co.export(tmp_path / "co.onnx"))
+    assert e4(co, path) <= 1e-5
+    graph = onnx.load(path).graph
+    inits = {i.name for i in graph.initializer}
+    products = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert len(products) == 5 and all(n.input[1] in inits for n in products)
 
 
 # -- the choice ------------------------------------------------------------------------------

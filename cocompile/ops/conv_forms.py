@@ -1,4 +1,4 @@
-"""Step forms of a temporal convolution: three ways to compute the same output frames.
+"""Step forms of a temporal convolution: several ways to compute the same output frames.
 
 A convolution along time (kernel k, dilation dd, extent e = dd*(k-1)+1, stride s) reads n new
 input frames per step. How its step is computed decides the speed (on oneDNN with one thread a
@@ -16,8 +16,11 @@ input frames per step. How its step is computed decides the speed (on oneDNN wit
            frames still waiting for contributions (partial sums, no bias); each step adds the new
            contributions and emits the frames that became complete (+ bias). Zero partial sums
            are the zero input state, i.e. the start padding.
+  *-mm     fold and partial of a conv whose kernel is 1 on every other axis (a pure temporal
+           kernel, groups 1): the conv over channels is a matrix product, run as a channels-last
+           linear (faster where few positions share a large channel product, e.g. ST-GCN).
 
-All three compute the same sums in a different order (float rounding only), with plain ATen ops
+All of them compute the same sums in a different order (float rounding only), with plain ATen ops
 that torch.export, ONNX and TorchScript take as they are.
 """
 from __future__ import annotations
@@ -33,8 +36,8 @@ from ..errors import CompileError
 aten = torch.ops.aten
 
 FORM_META = "cocompile.conv_form"        # node.meta key of a convolution's ConvForm
-FORMS = ("window", "fold", "partial")
-FORCE_ENV = "COCOMPILE_CONV_FORM"        # window|fold|partial: use that form wherever it applies
+FORMS = ("window", "fold", "fold-mm", "partial", "partial-mm")
+FORCE_ENV = "COCOMPILE_CONV_FORM"        # one of FORMS: use that form wherever it applies
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class ConvGeometry:
     cout: int
     frames: int
     state: int
+    pointwise: bool = False      # kernel 1, stride 1, no padding on every other axis; groups 1
 
     @property
     def extent(self) -> int:
@@ -91,6 +95,11 @@ def why_not(form: str, g: ConvGeometry) -> str | None:
     if form == "partial" and (g.stride != 1 or g.extent == 1):
         return f"partial sums need temporal stride 1 and extent > 1 (stride {g.stride}, " \
                f"extent {g.extent})"
+    if form.endswith("-mm"):
+        if not g.pointwise:
+            return "a matrix product needs kernel 1, stride 1 and no padding on every axis but " \
+                   "time, and groups 1"
+        return why_not(form.removesuffix("-mm"), g)
     return None
 
 
@@ -99,74 +108,78 @@ def applicable(g: ConvGeometry) -> list[str]:
     return [f for f in FORMS if why_not(f, g) is None]
 
 
+def fallback(form: str, g: ConvGeometry) -> str:
+    """The form a forced `form` becomes here: itself, its conv flavour, or window."""
+    for f in (form, form.removesuffix("-mm"), "window"):
+        if why_not(f, g) is None:
+            return f
+    return "window"
+
+
 # -- weights ------------------------------------------------------------------------------------
 def prepare(form: str, weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """The weight as `form` uses it (computed once per compile when the weight is constant).
 
     fold:    (Cout, Cin/g*k, *other kernel axes), channel ci*k + tap.
-    partial: (g*k*Cout/g, Cin/g, *kernel axes, 1 along time unless a step brings one frame),
-             output channel (group, position, o): position i holds tap k-1-i (see contributions()).
+    partial: (g*k*Cout/g, Cin/g, *other kernel axes), output channel (group, position, o):
+             position i holds tap k-1-i (see contributions()).
+    Both keep a time axis of kernel 1 at d where the step needs one (conv1d, several frames per
+    step); the -mm flavours are the same matrices flattened to 2-D, for a matrix product.
     """
-    if form == "fold":
-        return weight.movedim(g.d, 2).flatten(1, 2).contiguous()
-    if form == "partial":
+    base = form.removesuffix("-mm")
+    if base == "fold":
+        w = weight.movedim(g.d, 2).flatten(1, 2)
+        time_axis = w.dim() == 2                     # conv1d: the folded frame keeps its axis
+    elif base == "partial":
         w = weight.unflatten(0, (g.groups, g.cout // g.groups))       # time now on axis d+1
-        w = w.flip(g.d + 1).movedim(g.d + 1, 1)                       # (g, k, Cout/g, Cin/g, ...)
-        w = w.flatten(0, 2)                          # one frame per step: no time axis at all
-        return (w if g.frames == 1 else w.unsqueeze(g.d)).contiguous()
-    return weight
+        w = w.flip(g.d + 1).movedim(g.d + 1, 1).flatten(0, 2)         # (g*k*Cout/g, Cin/g, ...)
+        time_axis = g.frames != 1 or w.dim() == 2
+    else:
+        return weight
+    if form.endswith("-mm"):
+        return w.flatten(1).contiguous()
+    return (w.unsqueeze(g.d) if time_axis else w).contiguous()
 
 
 # -- the forms ----------------------------------------------------------------------------------
-def _drop(values, j: int, n: int) -> list:
-    """An int-list conv argument (length 1 or n) without its entry j."""
-    vals = list(values) if len(values) > 1 else list(values) * n
-    return vals[:j] + vals[j + 1:]
-
-
-def conv_no_time(x: torch.Tensor, w: torch.Tensor, bias, a: dict, d: int) -> torch.Tensor:
-    """The convolution `a` (conv args) on a value whose time axis d was removed, with a weight
-    that has no time axis: a conv with one spatial axis less, or a matrix product when none is
-    left (time was the only axis)."""
-    n = x.dim() - 1                                  # spatial axes of the original conv
-    if n == 1 and a["groups"] == 1:
-        return aten.linear(x, w, bias)
-    if n == 1:                                       # grouped, nothing left: a length-1 conv1d
-        x, w, n = x.unsqueeze(-1), w.unsqueeze(-1), 2
-        a = {**a, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
-        y = _conv(x, w, bias, a, d, n)
-        return y.squeeze(-1)
-    return _conv(x, w, bias, a, d, n)
-
-
-def _conv(x, w, bias, a, d, n):
-    j = d - 2
-    return aten.convolution.default(x, w, bias, _drop(a["stride"], j, n), _drop(a["padding"], j, n),
-                                    _drop(a["dilation"], j, n), False, [0] * (n - 1), a["groups"])
+def time_pointwise(x: torch.Tensor, w: torch.Tensor, bias, a: dict, d: int) -> torch.Tensor:
+    """The convolution `a` (conv args) of `x` with a weight of temporal kernel 1, at stride 1
+    along time: w 2-D is a matrix product over channels; w without a time axis needs one frame
+    (a conv with one axis less, which oneDNN runs faster than a conv over a length-1 axis)."""
+    if w.dim() == 2:                                 # kernel 1 everywhere: channels-last matmul
+        return aten.linear(x.movedim(1, -1), w, bias).movedim(-1, 1)
+    nd, j = x.dim() - 2, d - 2
+    if w.dim() == x.dim():
+        return aten.convolution.default(x, w, bias, _set(a["stride"], j, 1, nd), _set(a["padding"], j, 0, nd),
+                                        _set(a["dilation"], j, 1, nd), False, [0] * nd, a["groups"])
+    if x.shape[d] != 1:                              # (the flush may bring several frames)
+        return time_pointwise(x, w.unsqueeze(d), bias, a, d)
+    y = aten.convolution.default(x.squeeze(d), w, bias, _drop(a["stride"], j, nd), _drop(a["padding"], j, nd),
+                                 _drop(a["dilation"], j, nd), False, [0] * (nd - 1), a["groups"])
+    return y.unsqueeze(d)
 
 
 def fold(buf: torch.Tensor, wf: torch.Tensor, bias, a: dict, g: ConvGeometry) -> torch.Tensor:
     """The one output frame of a window starting at buf's first frame, as a conv over the taps
-    folded into channels (wf = prepare("fold", weight))."""
+    folded into channels (wf = prepare("fold" or "fold-mm", weight))."""
     taps = buf.narrow(g.d, 0, g.extent)
     if g.dilation > 1:                               # every dd-th frame is a tap
         taps = aten.slice.Tensor(taps, g.d, 0, g.extent, g.dilation)
-    x = taps.movedim(g.d, 2).flatten(1, 2)           # (N, Cin*k, ...): channel ci*k + tap
-    return conv_no_time(x, wf, bias, a, g.d).unsqueeze(g.d)
+    x = taps.movedim(g.d, 2).flatten(1, 2).unsqueeze(g.d)   # (N, Cin*k, ..1..): channel ci*k + tap
+    return time_pointwise(x, wf, bias, a, g.d)
 
 
 def tap_outputs(x: torch.Tensor, wp: torch.Tensor, a: dict, g: ConvGeometry) -> torch.Tensor:
     """Every tap applied to every new frame: (N, g, k, Cout/g, ..., n along d+2, ...), position i
-    holding tap k-1-i (wp = prepare("partial", weight), kernel 1 along time)."""
-    has_time = wp.dim() == x.dim()                   # prepared for steps of more than one frame
-    if x.shape[g.d] == 1:                            # one frame: a conv with one axis less
-        z = conv_no_time(x.squeeze(g.d), wp.squeeze(g.d) if has_time else wp, None, a, g.d).unsqueeze(g.d)
-    else:
-        wp = wp if has_time else wp.unsqueeze(g.d)   # (the flush may bring several frames)
-        j, nd = g.d - 2, x.dim() - 2
-        z = aten.convolution.default(x, wp, None, _set(a["stride"], j, 1, nd), _set(a["padding"], j, 0, nd),
-                                     _set(a["dilation"], j, 1, nd), False, [0] * nd, a["groups"])
+    holding tap k-1-i (wp = prepare("partial" or "partial-mm", weight))."""
+    z = time_pointwise(x, wp, None, a, g.d)
     return z.unflatten(1, (g.groups, g.kernel, g.cout // g.groups))
+
+
+def _drop(values, j: int, n: int) -> list:
+    """An int-list conv argument (length 1 or n) without its entry j."""
+    vals = list(values) if len(values) > 1 else list(values) * n
+    return vals[:j] + vals[j + 1:]
 
 
 def contributions(z: torch.Tensor, g: ConvGeometry) -> torch.Tensor:

@@ -273,12 +273,16 @@ class Convolution(WindowRule):
     def geometry(self, node, d: int, frames: int = 0, state: int = 0) -> ConvGeometry:
         """The convolution along time axis d as conv_forms sees it."""
         a, w = self.conv_args(node), node.args[1].meta["val"]
-        win = self.window(node, d)
+        win, n = self.window(node, d), w.dim() - 2
+        others = [j for j in range(n) if j != d - 2]
+        pointwise = int(a["groups"]) == 1 and all(
+            int(w.shape[2 + j]) == 1 and _entry(a["stride"], j, 1) == 1 and _entry(a["padding"], j, 0) == 0
+            for j in others)
         return ConvGeometry(d, win.kernel, win.dilation, win.stride, int(a["groups"]),
-                            int(w.shape[1]) * int(a["groups"]), int(w.shape[0]), frames, state)
+                            int(w.shape[1]) * int(a["groups"]), int(w.shape[0]), frames, state, pointwise)
 
     def states(self, node, an):
-        if form_of(node).name != "partial":
+        if not form_of(node).name.startswith("partial"):
             return super().states(node, an)
         out, g = _main(node.meta[META]), self.geometry(node, an.info(node.args[0]).dim)
         return {"window": (frames_shape(node, out, g.extent - 1), node.meta["val"].dtype,
@@ -286,7 +290,7 @@ class Convolution(WindowRule):
 
     def step(self, node, args, kwargs, ctx):
         x_info = ctx.info(node.args[0])
-        if form_of(node).name != "partial" or self._window(node, x_info) is None:
+        if not form_of(node).name.startswith("partial") or self._window(node, x_info) is None:
             return super().step(node, args, kwargs, ctx)
         # partial sums: the new frames' tap outputs go into the pending output frames
         d, x, g = x_info.dim, args[0], self.geometry(node, x_info.dim)
@@ -301,7 +305,7 @@ class Convolution(WindowRule):
 
     def run_step(self, node, args, buf, d, ctx):
         g = self.geometry(node, d)
-        if form_of(node).name != "fold" or buf.shape[d] - g.extent >= g.stride:
+        if not form_of(node).name.startswith("fold") or buf.shape[d] - g.extent >= g.stride:
             return self.run(node, args, buf, d)
         # one output frame: its taps folded into the channels of a conv with one axis less
         a = self.conv_args(node, args, {})
