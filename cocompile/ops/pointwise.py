@@ -47,7 +47,8 @@ def join(an, node, args: list, out_dim_of, contracted=()) -> TimeInfo:
     for a, _ in times:
         an.aligned(a, warmup)
     return first.replace(dim=k, warmup=warmup, rf=max(i.rf for _, i in times + [(None, c) for c in clips]),
-                         padded=any(i.padded for _, i in infos), approx=bool(clips) or any(i.approx for _, i in infos))
+                         padded=any(i.padded for _, i in infos), approx=bool(clips) or any(i.approx for _, i in infos),
+                         horizon=max(i.horizon for _, i in infos))
 
 
 def _by_position(an, node, times, positional, k) -> TimeInfo:
@@ -56,7 +57,8 @@ def _by_position(an, node, times, positional, k) -> TimeInfo:
     slides, so the join (and what follows) is computed on the whole window each step, from cached
     frames. Exact for the sliding window (E2)."""
     first = times[0][1]
-    if first.merged or any(_size_at(a, node, k) != first.length for a in positional):
+    entries = first.outer * first.length * first.inner       # time may be merged (T*H*W tokens)
+    if any(_size_at(a, node, k) != entries for a in positional):
         raise Refusal("a constant indexed along the time axis does not have one entry per frame "
                       "of the clip (time-position constant)",
                       "make the constant the same for every frame, or one entry per clip frame")
@@ -86,7 +88,9 @@ def _tensor_args(node):
 
 
 @register_op("pointwise", aten.where.self, aten.hardswish.default, aten.hardsigmoid.default,
-             aten.relu.default, aten.masked_fill.Tensor)
+             aten.relu.default, aten.masked_fill.Tensor,
+             # in place on a fresh tensor (nn.MultiheadAttention's key padding mask)
+             aten.masked_fill_.Scalar, aten.masked_fill_.Tensor)
 class Pointwise(OpRule):
     def time(self, node, an):
         return join(an, node, _tensor_args(node), _broadcast_dim(node))

@@ -1,0 +1,254 @@
+"""Transformer encoders over time: the offline model on the sliding window is the oracle (E2),
+the offline model on the whole stream for banded causal masks (E3)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cocompile
+from cocompile.inspect import count_flops
+from cocompile.ops.attention import MODE
+
+torch.manual_seed(0)
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder over (N, T, d) tokens with a head on the newest token or the mean."""
+
+    def __init__(self, d=64, layers=2, norm_first=False, head="newest", n=16, pos=None, heads=4):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.1, batch_first=True,
+                                           norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head, self.out = head, nn.Linear(d, 7)
+        if pos == "sinusoidal":
+            self.register_buffer("pos", sinusoid(n, d)[None])
+        else:
+            self.pos = nn.Parameter(torch.randn(1, n, d) * 0.1) if pos == "learned" else None
+
+    def forward(self, x):
+        if self.pos is not None:
+            x = x + self.pos[:, :x.size(1)]
+        y = self.enc(x)
+        return self.out(y[:, -1] if self.head == "newest" else y.mean(1))
+
+
+def sinusoid(n, d):
+    pos = torch.arange(n)[:, None]
+    div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+    pe = torch.zeros(n, d)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    return pe
+
+
+def forms(co) -> list[str]:
+    return [n.meta[MODE].kind for n in co.program.gm.graph.nodes if MODE in n.meta]
+
+
+def check_sliding(model, n, d, steps=None):
+    """E1 on a clip and E2 over `steps` (default 2n) steps past it; returns the compiled model."""
+    model.eval()
+    co = cocompile.compile(model, torch.randn(1, n, d), time_dim=1, trace=False)
+    report = cocompile.verify(model, co, torch.randn(2, n, d), sliding_steps=steps or 2 * n)
+    assert report.passed, report
+    assert {c.name for c in report.checks if c.claimed} == {"E1", "E2"}, report
+    return co
+
+
+# a covering set of the acceptance grid (layers x norm x head x d x n); examples/transformers.py
+# runs the whole grid
+GRID = [(1, False, "newest", 64, 16), (1, True, "mean", 256, 64), (2, False, "mean", 256, 16),
+        (2, True, "newest", 64, 64), (3, False, "newest", 256, 64), (3, True, "mean", 64, 16),
+        (6, False, "mean", 64, 64), (6, True, "newest", 256, 16)]
+
+
+@pytest.mark.parametrize("layers,norm_first,head,d,n", GRID)
+def test_encoder_equals_the_model_on_the_sliding_window(layers, norm_first, head, d, n):
+    co = check_sliding(Encoder(d, layers, norm_first, head, n), n, d)
+    # the newest-token head reads only the newest query of the last layer
+    want = ["window"] * (layers - 1) + ["single-output" if head == "newest" else "window"]
+    assert forms(co) == want
+
+
+def test_flops_per_step_against_the_window():
+    """dim_feedforward = 4d, n = 64, d = 256 (FLOPs are counted, not timed)."""
+    ratios = {}
+    for layers in (1, 2):
+        model = Encoder(256, layers, False, "newest", 64).eval()
+        co = cocompile.compile(model, torch.randn(1, 64, 256), time_dim=1, trace=False)
+        step, clip = count_flops(co)
+        ratios[layers] = sum(clip.values()) / sum(step.values())
+    assert ratios[1] >= 30 and ratios[2] >= 2, ratios
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned"])
+def test_position_encoded_encoders_are_exact(norm_first, pos):
+    co = check_sliding(Encoder(64, 2, norm_first, "newest", 16, pos), 16, 64)
+    assert forms(co) == ["window", "single-output"]
+
+
+def test_position_table_folds_through_post_norm_projections():
+    """Post-norm: x + pe reaches the q/k/v Linears directly, so per-token projections stay
+    cached and the one-layer step stays far below the window's FLOPs; pre-norm recomputes."""
+    ratios = {}
+    for norm_first in (False, True):
+        model = Encoder(64, 1, norm_first, "newest", 32, "sinusoidal").eval()
+        co = cocompile.compile(model, torch.randn(1, 32, 64), time_dim=1, trace=False)
+        step, clip = count_flops(co)
+        ratios[norm_first] = sum(clip.values()) / sum(step.values())
+    assert ratios[False] > 3 * ratios[True], ratios
+
+
+class CausalEncoder(nn.Module):
+    """Per-token outputs of an encoder whose mask is built from the input length: a band of
+    `band` positions (each token sees the previous band-1 and itself), or causal (band None)."""
+
+    def __init__(self, d=32, layers=2, band=None, norm_first=False):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True,
+                                           norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.band, self.out = band, nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = x.size(1)
+        if self.band is None:
+            mask = nn.Transformer.generate_square_subsequent_mask(t)
+            return self.out(self.enc(x, mask=mask, is_causal=True))
+        lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        return self.out(self.enc(x, mask=~((lag >= 0) & (lag < self.band)), is_causal=False))
+
+
+def stream(co, x):
+    """Per-token outputs of stepping `x` one frame at a time from the zero state."""
+    state, outs = co.initial_state(x.shape[0]), []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y, state = co.step(x[:, t:t + 1], state)
+            outs.append(y)
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_banded_causal_encoder_streams_exactly(layers):
+    """E3: the offline model on the whole 4n-token stream, frame by frame."""
+    n, d = 8, 32
+    model = CausalEncoder(d, layers, band=n, norm_first=layers % 2 == 0).eval()
+    co = cocompile.compile(model, torch.randn(1, 2 * n, d), time_dim=1, trace=False)
+    assert forms(co) == ["causal"] * layers and co.delay == 0
+    x = torch.randn(2, 4 * n, d)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(stream(co, x), ref, atol=1e-4, rtol=1e-4)
+    assert co.metadata()["outputs"][0]["exactness"] == "exact"
+
+
+def test_causal_mask_is_exact_for_the_clip_and_bounded_after():
+    n, d = 16, 32
+    model = CausalEncoder(d, 2).eval()
+    co = cocompile.compile(model, torch.randn(1, n, d), time_dim=1, trace=False)
+    x = torch.randn(2, 3 * n, d)
+    with torch.no_grad():
+        ref = model(x)
+    got = stream(co, x)
+    torch.testing.assert_close(got[:, :n], ref[:, :n], atol=1e-4, rtol=1e-4)
+    meta = co.metadata()["outputs"][0]
+    assert meta["exactness"] == "bounded" and meta["horizon"] == n
+    # after the clip, each token sees the last n tokens only: not the model on the whole stream
+    assert (got[:, n:] - ref[:, n:]).abs().max() > 1e-3
+
+
+class HandWritten(nn.Module):
+    """Attention as users write it: matmul, scale, softmax, matmul; and MultiheadAttention with
+    its weights requested (need_weights=True, the default), which torch computes with bmm."""
+
+    def __init__(self, d=32, mha=False, read_weights=False):
+        super().__init__()
+        self.qkv, self.o, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), 4
+        self.mha = nn.MultiheadAttention(d, 4, batch_first=True) if mha else None
+        self.read_weights = read_weights
+
+    def forward(self, x):
+        if self.mha is not None:
+            y, w = self.mha(x, x, x)
+            return y[:, -1] + (w.sum() if self.read_weights else 0)
+        n, t, d = x.shape
+        q, k, v = (z.view(n, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        a = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))).softmax(-1)
+        return self.o((a @ v).transpose(1, 2).reshape(n, t, d))[:, -1]
+
+
+@pytest.mark.parametrize("mha", [False, True])
+def test_written_out_attention_is_recognised(mha):
+    co = check_sliding(HandWritten(mha=mha), 12, 32)
+    assert forms(co) == ["single-output"]
+
+
+def test_attention_weights_read_elsewhere_are_refused_with_the_fix():
+    with pytest.raises(cocompile.CompileError, match="need_weights=False"):
+        cocompile.compile(HandWritten(mha=True, read_weights=True).eval(), torch.randn(1, 12, 32),
+                          time_dim=1)
+
+
+class PaddingMask(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.att = nn.MultiheadAttention(d, 4, batch_first=True)
+
+    def forward(self, x):
+        y, _ = self.att(x, x, x, key_padding_mask=x[..., 0] > 1.0, need_weights=False)
+        return y[:, -1]
+
+
+def test_input_dependent_masks_are_refused():
+    with pytest.raises(cocompile.CompileError, match="mask depends on the input"):
+        cocompile.compile(PaddingMask().eval(), torch.randn(1, 12, 32), time_dim=1)
+
+
+class SpaceTime(nn.Module):
+    """ViViT-style joint space-time attention over T*h*w tokens (time merged with space)."""
+
+    def __init__(self, d=32, head="mean", frames=8, hw=4):
+        super().__init__()
+        self.embed = nn.Conv3d(3, d, (1, 4, 4), (1, 4, 4))
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.pos = nn.Parameter(torch.randn(1, frames * hw, d) * 0.1)
+        self.head, self.hw, self.out = head, hw, nn.Linear(d, 5)
+
+    def forward(self, x):
+        y = self.enc(self.embed(x).flatten(2).transpose(1, 2) + self.pos)
+        if self.head == "mean":
+            return self.out(y.mean(1))
+        return self.out(y.view(y.shape[0], -1, self.hw, y.shape[-1])[:, -1].mean(1))
+
+
+@pytest.mark.parametrize("head", ["mean", "newest"])
+def test_joint_space_time_attention_is_exact(head):
+    model = SpaceTime(head=head).eval()
+    co = cocompile.compile(model, torch.randn(1, 3, 8, 8, 8), trace=False)
+    report = cocompile.verify(model, co, torch.randn(2, 3, 8, 8, 8), sliding_steps=16)
+    assert report.passed and report.max_error("E2") <= 1e-4, report
+    # the newest frame's h*w tokens are the queries of the last layer (multi-token single-output)
+    assert forms(co) == ["window", "single-output" if head == "newest" else "window"]
+
+
+@pytest.mark.parametrize("model,n", [(Encoder(32, 2, False, "newest", 12), 12),
+                                     (CausalEncoder(32, 2, band=4), 12)])
+def test_onnx_artifact_steps_like_eager(tmp_path, model, n):
+    """E4: the ONNX step equals the eager step over 3n steps, two streams."""
+    from cocompile.runtime import Session
+    model.eval()
+    co = cocompile.compile(model, torch.randn(1, n, 32), time_dim=1)
+    session = Session(co.export(str(tmp_path / "enc.onnx")))
+    state, ref_state = session.initial_state(2), co.initial_state(2)
+    for _ in range(3 * n):
+        x = torch.randn(2, 1, 32)
+        got, state = session.step(x.numpy(), state)
+        ref, ref_state = co.step(x, ref_state)
+        np.testing.assert_allclose(got[0], ref.numpy(), rtol=1e-5, atol=1e-5)
