@@ -147,7 +147,10 @@ def time_pointwise(x: torch.Tensor, w: torch.Tensor, bias, a: dict, d: int) -> t
     along time: w 2-D is a matrix product over channels; w without a time axis needs one frame
     (a conv with one axis less, which oneDNN runs faster than a conv over a length-1 axis)."""
     if w.dim() == 2:                                 # kernel 1 everywhere: channels-last matmul
-        return aten.linear(x.movedim(1, -1), w, bias).movedim(-1, 1)
+        rows = x.movedim(1, -1)
+        # as one 2-D product: linear on a strided N-D input would broadcast (copy) the weight
+        y = aten.linear(rows.reshape(-1, rows.shape[-1]), w, bias)
+        return y.view(*rows.shape[:-1], w.shape[0]).movedim(-1, 1)
     nd, j = x.dim() - 2, d - 2
     if w.dim() == x.dim():
         return aten.convolution.default(x, w, bias, _set(a["stride"], j, 1, nd), _set(a["padding"], j, 0, nd),
