@@ -44,8 +44,13 @@ def count_flops(fn, *args) -> int:
     >>> count_flops(torch.nn.Linear(4, 2), torch.randn(1, 4))
     16
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)    # fused encoder kernels are not counted
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(*args)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return counter.get_total_flops()
 
 

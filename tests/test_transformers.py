@@ -2,7 +2,10 @@
 the offline model on the whole stream for banded causal masks (E3)."""
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -59,7 +62,7 @@ def check_sliding(model, n, d, steps=None):
     return co
 
 
-# a covering set of the acceptance grid (layers x norm x head x d x n); examples/transformers.py
+# a covering set of the acceptance grid (layers x norm x head x d x n); examples/encoder_bench.py
 # runs the whole grid
 GRID = [(1, False, "newest", 64, 16), (1, True, "mean", 256, 64), (2, False, "mean", 256, 16),
         (2, True, "newest", 64, 64), (3, False, "newest", 256, 64), (3, True, "mean", 64, 16),
@@ -252,3 +255,21 @@ def test_onnx_artifact_steps_like_eager(tmp_path, model, n):
         got, state = session.step(x.numpy(), state)
         ref, ref_state = co.step(x, ref_state)
         np.testing.assert_allclose(got[0], ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+
+@pytest.mark.parametrize("name", ["oadtr", "audio_transformer"])
+def test_transformer_examples_are_exact(name):
+    """What `python examples/<name>.py --size small` computes."""
+    r = importlib.import_module(name).main(["--size", "small"])["exact"]
+    assert r.report.passed and not r.report.approximate, str(r.report)
+    assert r.flops.step < r.flops.clip
+
+
+def test_transformer_benchmark_script():
+    """`python examples/encoder_bench.py --quick` (the full grid is the same code)."""
+    out = importlib.import_module("encoder_bench").main(["--quick"])
+    assert all(ok for *_, ok in out["grid"])
+    assert out["ratios"][(1, "newest")] > 10 and out["ratios"][(2, "newest")] >= 2

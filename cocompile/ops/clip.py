@@ -119,6 +119,12 @@ class Select(Reduction):
     def _keep(self, node, x: TimeInfo) -> int | None:
         return None if x.merged else x.length - node.args[2] % x.length
 
+    def time(self, node, an):
+        out = super().time(node, an)
+        x = an.info(node.args[0])
+        keep = self._keep(node, x) if self._over_time(node, x) else None
+        return out if keep is None else out.replace(rf=int(x.rf + (keep - 1) / x.rate))
+
     def states(self, node, an):
         x = an.info(node.args[0])
         if not self._over_time(node, x):
