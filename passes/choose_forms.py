@@ -29,7 +29,7 @@ from cocompile.ops.registry import rule_for
 from cocompile.ops.window import Convolution, plan
 from cocompile.timeinfo import META, TimeInfo, reads_time
 
-REPEATS, BUDGET_S = 5, 0.05        # timed runs per form: up to 5, stopping after 50 ms
+REPEATS, BUDGET_S = 3, 0.03        # timed runs per form: up to 3, stopping after 30 ms
 
 
 def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
@@ -37,7 +37,7 @@ def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
     force, chosen = forced_form(), {}
     for node in gm.graph.nodes:
         site = _site(node, step_frames)
-        if site is None:
+        if site is None or site.geometry.kernel == 1:     # one tap: nothing to choose
             continue
         forms = applicable(site.geometry)
         if force is not None:

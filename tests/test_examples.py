@@ -71,3 +71,25 @@ def test_flops_table_script():
     rows = flops.main(["--size", "small", "--only", "tcn"])
     assert [label for label, _ in rows] == ["tcn"]
     assert rows[0][1].ratio <= 1.1
+
+
+@pytest.mark.parametrize("with_continual", [True, False])
+def test_bench_conv_stack_script(with_continual, monkeypatch, capsys):
+    """`python examples/bench_conv_stack.py --size small` runs, with continual-inference installed
+    or not (then it says so and skips those columns); both libraries' steps match the model."""
+    from importlib.util import find_spec
+    if not with_continual:
+        monkeypatch.setitem(sys.modules, "continual", None)     # import continual -> ImportError
+    elif find_spec("continual") is None:
+        pytest.skip("continual-inference is not installed (pip install 'cocompile[bench]')")
+    bench = importlib.import_module("bench_conv_stack")
+    r = bench.main(["--size", "small", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert {"clip", "cocompile eager", "cocompile onnxruntime"} <= set(r["times"])
+    assert r["agreement"]["cocompile vs model"] <= 1e-4 and r["flops"]["cocompile step"] > 0
+    if with_continual:
+        assert r["agreement"]["steps valid in one and not the other"] == 0
+        assert r["agreement"]["continual-inference vs cocompile"] <= 1e-4
+        assert "continual-inference" in r["times"] and "forward_step" in out
+    else:
+        assert "continual-inference is not installed" in out and "continual-inference" not in r["times"]
