@@ -10,11 +10,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import module_path, op_name
 from .model import ContinualModel
+from .ops.attention import MODE as ATTENTION_META
 from .ops.conv_forms import FORM_META
+from .ops.convert import window_frames
 from .ops.registry import rule_for
 from .ops.window import WindowRule
 from .step import StepInterpreter
-from .timeinfo import META, STATE_META, TimeInfo
+from .timeinfo import META, STATE_META, WINDOW, TimeInfo
+
+
+_WINDOW_FORMS = ("single", "rerun", "cache", "recomp")
+
+
+def _attention_form(form: str) -> bool:
+    return form in _WINDOW_FORMS or form.startswith("causal")
 
 
 @dataclass(frozen=True)
@@ -63,9 +72,14 @@ class Inspection:
                     f"{self.flops_clip:,} per clip of {self.clip_length} "
                     f"(ideal {ideal:,.0f}; step/ideal {self.flops_step / ideal if ideal else 0:.3f}); "
                     f"state {self.state_bytes:,} bytes per stream")
-        if any(r.form for r in self.layers):
+        if any(r.form and not _attention_form(r.form) for r in self.layers):
             rows.append("form: how a temporal conv steps (window: conv over buffered input frames; fold: "
                         "taps folded into channels; partial: partial sums kept; *: forced)")
+        if any(_attention_form(r.form) for r in self.layers):
+            rows.append("attention over time: single (newest queries against cached keys/values), "
+                        "causalW (key/value cache of a W-frame causal band), rerun (re-run over the "
+                        "window from cached projections); cache: frames kept as a window; recomp: "
+                        "re-run over the whole window each step")
         return "\n".join(rows)
 
 
@@ -122,7 +136,18 @@ def _window(node) -> str:
 
 
 def _form(node) -> str:
-    """The step form of a temporal conv, as chosen (measured, cached, forced) by choose_forms."""
+    """The step form of a temporal conv, as chosen (measured, cached, forced) by choose_forms; of
+    an attention over time (single / causal / window); `recomp` for an op re-run on the whole
+    window every step (after attention whose every output is read, or a position table)."""
+    attention = node.meta.get(ATTENTION_META)
+    if attention is not None:
+        return {"single-output": "single", "window": "rerun"}[attention.kind] if attention.kind != "causal" \
+            else f"causal{attention.band}"
+    if node.target is window_frames:
+        return "cache"
+    info = node.meta.get(META)
+    if isinstance(info, TimeInfo) and info.kind == WINDOW:
+        return "recomp"
     form = node.meta.get(FORM_META)
     return "" if form is None else form.name + ("*" if form.how == "forced" else "")
 
