@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -124,11 +123,13 @@ def agreement(model, twin, co, clip) -> dict:
         if twin is not None:
             twin.clean_state()
             theirs = [twin.forward_step(clip[:, :, t]) for t in range(clip.shape[2])]
-            out["continual-inference vs model"] = _max_diff([t.unsqueeze(2) for t in theirs if t is not None], ref)
-            pairs = [(a, b) for a, b in zip(mine, theirs) if (a is None) != (b is None)]
-            out["steps valid in one and not the other"] = len(pairs)
-            out["continual-inference vs cocompile"] = max(
-                float((a.squeeze(2) - b).abs().max()) for a, b in zip(mine, theirs) if a is not None and b is not None)
+            valid = [t.unsqueeze(2) for t in theirs if t is not None]
+            out["continual-inference vs model"] = _max_diff(valid, ref)
+            both = [(a, b) for a, b in zip(mine, theirs) if a is not None and b is not None]
+            mismatch = sum((a is None) != (b is None) for a, b in zip(mine, theirs))
+            out["steps valid in one and not the other"] = mismatch
+            out["continual-inference vs cocompile"] = max(float((a.squeeze(2) - b).abs().max())
+                                                          for a, b in both)
     return out
 
 
@@ -208,10 +209,12 @@ def report(r: dict, cfg: dict, have_twin: bool) -> str:
         lines.append(f"cocompile eager / continual-inference forward_step: "
                      f"{t['cocompile eager'] / t['continual-inference']:.3f}")
     if "cocompile onnxruntime" in t:
-        lines.append(f"cocompile onnxruntime / eager: {t['cocompile onnxruntime'] / t['cocompile eager']:.3f}")
+        ratio = t["cocompile onnxruntime"] / t["cocompile eager"]
+        lines.append(f"cocompile onnxruntime / eager: {ratio:.3f}")
     f = r["flops"]
-    lines += [f"FLOPs: clip {f['clip'] / 1e9:.3f} G, ideal per frame {f['clip'] / T / 1e9:.3f} G"] + \
-             [f"FLOPs: {k} {v / 1e9:.3f} G ({v * T / f['clip']:.3f} of ideal)" for k, v in f.items() if k != "clip"]
+    lines.append(f"FLOPs: clip {f['clip'] / 1e9:.3f} G, ideal per frame {f['clip'] / T / 1e9:.3f} G")
+    lines += [f"FLOPs: {k} {v / 1e9:.3f} G ({v * T / f['clip']:.3f} of ideal)"
+              for k, v in f.items() if k != "clip"]
     lines += [f"state bytes per stream: {k} {v:,}" for k, v in r["state_bytes"].items()]
     lines += [f"max |diff| {k}: {v:.3g}" for k, v in r["agreement"].items()]
     lines += ["cocompile step forms: " + "; ".join(r["forms"])]

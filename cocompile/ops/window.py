@@ -298,7 +298,8 @@ class Convolution(WindowRule):
             x = zero_padding_frames(ctx, x_info, x, d)      # as in WindowRule.step
         a = self.conv_args(node, args, {})
         emit = x.shape[d] if ctx.mode == "step" else _main(ctx.info(node)).flush_frames(ctx.clip_length)
-        out, sums = partial(x, ctx.state(node, "window"), self._weight(node, a, ctx, g), a["bias"], a, g, emit)
+        weight = self._weight(node, a, ctx, g)
+        out, sums = partial(x, ctx.state(node, "window"), weight, a["bias"], a, g, emit)
         if ctx.mode == "step":
             ctx.set_state(node, "window", sums)
         return out
