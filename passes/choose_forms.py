@@ -165,7 +165,8 @@ def _key(runs: _Runs, form: str) -> dict:
             "w": list(a["weight"].shape), "bias": a["bias"] is not None, "stride": list(a["stride"]),
             "padding": list(a["padding"]), "dilation": list(a["dilation"]), "groups": int(a["groups"]),
             "geometry": repr(runs.site.geometry), "dtype": str(a["weight"].dtype),
-            "torch": torch.__version__, "threads": 1, "form": form}
+            "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "threads": 1,
+            "form": form}
 
 
 def _cache_path(key: dict) -> str:

@@ -149,6 +149,31 @@ def test_conv_stack_is_exact_and_uses_the_form(form, t):
     assert spec.shape[t - 1] == 2 and spec.shape[0] == (8 if form.startswith("partial") else 3)
 
 
+class Persons(nn.Module):
+    """(N, C, T, V, M) with the M persons folded into the batch, as ST-GCN does: the state keeps
+    them as an axis of its own (StateSpec.fold) in every form."""
+
+    def __init__(self):
+        super().__init__()
+        self.tcn = nn.Conv2d(3, 6, (5, 1), padding=(2, 0))
+        self.out = nn.Conv2d(6, 4, (3, 1), dilation=(2, 1))
+
+    def forward(self, x):
+        N, C, T, V, M = x.shape
+        x = x.permute(0, 4, 1, 2, 3).reshape(N * M, C, T, V)
+        y = self.out(torch.relu(self.tcn(x)))
+        return y.view(N, M, *y.shape[1:]).mean(1)
+
+
+def test_persons_folded_into_the_batch(form):
+    torch.manual_seed(0)
+    model, clip = Persons().eval(), torch.randn(2, 3, 12, 5, 2)
+    co = cocompile.compile(model, clip[:1], time_dim=2, trace=False)
+    report = cocompile.verify(model, co, clip)
+    assert report.passed, f"{form}\n{report}"
+    assert all(s.fold == 2 for s in co.specs[1:]) and len(co.specs) == 3
+
+
 def test_onnx_artifact_reproduces_every_form(form, tmp_path):
     """E4 in onnxruntime, and the artifact's convs and matrix products read their weights as
     initializers (prepared once, no reshape of a parameter in every step)."""
