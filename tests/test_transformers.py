@@ -151,6 +151,21 @@ def test_banded_causal_encoder_streams_exactly(layers):
     assert co.metadata()["outputs"][0]["exactness"] == "exact"
 
 
+def test_steps_of_several_tokens():
+    """Multi-token single-output (the newest 4 queries) and a causal band fed 4 tokens a step."""
+    model = Encoder(32, 2, False, "newest", 16).eval()
+    co = cocompile.compile(model, torch.randn(1, 16, 32), time_dim=1, step_frames=4, trace=False)
+    assert cocompile.verify(model, co, torch.randn(2, 16, 32), sliding_steps=8).passed
+    model = CausalEncoder(32, 2, band=5).eval()
+    co = cocompile.compile(model, torch.randn(1, 16, 32), time_dim=1, step_frames=4, trace=False)
+    x, state, outs = torch.randn(2, 48, 32), co.initial_state(2), []
+    with torch.no_grad():
+        for t in range(0, 48, 4):
+            y, state = co.step(x[:, t:t + 4], state)
+            outs.append(y)
+        torch.testing.assert_close(torch.cat(outs, 1), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_causal_mask_is_exact_for_the_clip_and_bounded_after():
     n, d = 16, 32
     model = CausalEncoder(d, 2).eval()
