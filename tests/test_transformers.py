@@ -213,6 +213,22 @@ def test_attention_weights_read_elsewhere_are_refused_with_the_fix():
                           time_dim=1)
 
 
+class ClassToken(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.enc(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))[:, 0]
+
+
+def test_class_token_prepended_along_time_is_refused_with_the_fix():
+    with pytest.raises(cocompile.CompileError, match="class token"):
+        cocompile.compile(ClassToken().eval(), torch.randn(1, 8, 32), time_dim=1)
+
+
 class PaddingMask(nn.Module):
     def __init__(self, d=32):
         super().__init__()

@@ -103,7 +103,9 @@ class Cat(OpRule):
         dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
         out = join(an, node, tensors, lambda a, i: i.dim)
         if dim == out.dim:
-            raise Refusal("concatenation along the time axis", "concatenate along channels instead")
+            raise Refusal("concatenation along the time axis",
+                          "concatenate along channels instead (for a class token prepended to the "
+                          "tokens: classify the newest token or pool over the tokens)")
         return out
 
 
