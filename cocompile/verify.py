@@ -34,6 +34,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     approximate: bool = False
     exact_sliding: bool = False
+    horizon: int = 0          # causal attention over the whole clip: frames of keys kept
 
     @property
     def passed(self) -> bool:
@@ -50,6 +51,11 @@ class Report:
         if self.approximate:
             lines.append("approximate: a clip reduction broadcast onto frames uses a causal window; "
                          f"E1 deviation {self.max_error('E1'):.3g}")
+        if self.horizon:
+            lines.append(f"bounded: causal attention reaches back to the start of the clip; the "
+                         f"stream keeps the last {self.horizon} frames of keys, so it equals the "
+                         f"model for the first {self.horizon} frames and sees only the last "
+                         f"{self.horizon} after (not the model on the whole stream)")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -78,7 +84,8 @@ def verify(model: torch.nn.Module, co: ContinualModel, clip: torch.Tensor,
     was = model.training
     model.eval()
     try:
-        report = Report(approximate=co.approximate, exact_sliding=co.exact_sliding)
+        report = Report(approximate=co.approximate, exact_sliding=co.exact_sliding,
+                        horizon=max(i.horizon for i in co.out_infos))
         ref = pytree.tree_leaves(model(clip))
         got = pytree.tree_leaves(co.forward_steps(clip))
         for i, (r, g) in enumerate(zip(ref, got)):

@@ -177,6 +177,8 @@ def test_causal_mask_is_exact_for_the_clip_and_bounded_after():
     torch.testing.assert_close(got[:, :n], ref[:, :n], atol=1e-4, rtol=1e-4)
     meta = co.metadata()["outputs"][0]
     assert meta["exactness"] == "bounded" and meta["horizon"] == n
+    report = cocompile.verify(model, co, torch.randn(2, n, d))
+    assert report.passed and f"keeps the last {n} frames" in str(report)
     # after the clip, each token sees the last n tokens only: not the model on the whole stream
     assert (got[:, n:] - ref[:, n:]).abs().max() > 1e-3
 
