@@ -294,8 +294,13 @@ def flops(co, model, clip) -> tuple[int, int]:
     chunk = clip.narrow(co.time_dim, 0, co.step_frames)
     with torch.no_grad(), FlopCounterMode(display=False) as step:
         co.program(chunk, *co.initial_state(clip.shape[0]))
-    with torch.no_grad(), FlopCounterMode(display=False) as whole:
-        model(clip)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)   # fused encoder kernels are not counted
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as whole:
+            model(clip)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return step.get_total_flops(), whole.get_total_flops()
 
 
