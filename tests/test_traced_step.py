@@ -49,8 +49,12 @@ def _models():
 MODELS = _models()
 
 
-def _chunk(co, batch, g):
-    return torch.randn(co._chunk_shape(batch, co.step_frames), generator=g).to(co.dtype)
+def _chunk(co, batch, g, strided=False):
+    """Random frames; strided: a view into a longer clip (as clip.split gives), not contiguous."""
+    if not strided:
+        return torch.randn(co._chunk_shape(batch, co.step_frames), generator=g).to(co.dtype)
+    clip = torch.randn(co._chunk_shape(batch, 2 * co.step_frames), generator=g).to(co.dtype)
+    return clip.narrow(co.time_dim, co.step_frames, co.step_frames)
 
 
 def _random_state(co, batch, g):
@@ -65,15 +69,16 @@ def _random_state(co, batch, g):
 @torch.no_grad()
 def test_traced_steps_equal_the_interpreter(name):
     """Batches 1 and 3 stepped in turn (so the per-batch graphs alternate), from the zero state and
-    from a random one: every output and next state equals the interpreter's."""
+    from a random one, on contiguous chunks and on views into a longer clip: every output and next
+    state equals the interpreter's."""
     model, clip, time_dim, approximate = MODELS[name]
     co = cocompile.compile(model, clip, time_dim=time_dim, approximate=approximate)
     g = torch.Generator().manual_seed(1)
     starts = [co.initial_state(1), co.initial_state(3), _random_state(co, 1, g), _random_state(co, 3, g)]
     streams = [[s, s] for s in starts]               # [traced state, interpreter state]
-    for _ in range(co.clip_length // co.step_frames + 2):
+    for t in range(co.clip_length // co.step_frames + 2):
         for stream in streams:
-            x = _chunk(co, stream[0][0].shape[0], g)
+            x = _chunk(co, stream[0][0].shape[0], g, strided=t % 2 == 1)
             outs, stream[0] = co.step(x, stream[0])
             ref = co.program(x, *stream[1])
             n = len(ref) - len(stream[1])
