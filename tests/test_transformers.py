@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import cocompile
@@ -306,3 +308,63 @@ def test_transformer_benchmark_script():
     out = importlib.import_module("encoder_bench").main(["--quick"])
     assert all(ok for *_, ok in out["grid"])
     assert out["ratios"][(1, "newest")] > 10 and out["ratios"][(2, "newest")] >= 2
+
+
+class RandomEncoder(nn.Module):
+    """A random attention stack: a conv front end (stride, padding), layers of MHA + FFN with
+    pre- or post-norm, an optional position table or causal band, and one of three heads."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, n = cfg["d"], cfg["n"]
+        self.cfg = cfg
+        self.front = nn.Conv1d(cfg["cin"], d, cfg["k"], stride=cfg["stride"], padding=cfg["pad"])
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(
+            d, cfg["heads"], 2 * d, dropout=0.0, batch_first=True, norm_first=cfg["pre"])
+            for _ in range(cfg["depth"]))
+        self.pos = nn.Parameter(torch.randn(1, n, d) * 0.3) if cfg["pos"] else None
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.front(x).transpose(1, 2)                  # (N, n, d) tokens
+        if self.pos is not None:
+            h = h + self.pos
+        mask = None
+        if self.cfg["band"]:
+            t = h.size(1)
+            lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+            mask = (lag < 0) | (lag >= self.cfg["band"])
+        for layer in self.layers:
+            h = layer(h, src_mask=mask)
+        head = self.cfg["head"]
+        return self.out(h[:, -1] if head == "newest" else h.mean(1) if head == "mean" else h)
+
+
+@st.composite
+def encoders(draw):
+    stride = draw(st.sampled_from([1, 1, 2]))
+    k = draw(st.integers(1, 3))
+    pad = draw(st.integers(0, k - 1))
+    frames = draw(st.integers(3, 8)) * stride            # whole steps of the stride
+    n = (frames + 2 * pad - k) // stride + 1             # tokens after the front end
+    head = draw(st.sampled_from(["newest", "mean", "tokens"]))
+    cfg = dict(cin=draw(st.integers(1, 4)), d=draw(st.sampled_from([8, 16])), n=n, k=k,
+               stride=stride, pad=pad, heads=draw(st.sampled_from([1, 2, 4])),
+               depth=draw(st.integers(1, 3)), pre=draw(st.booleans()), head=head,
+               pos=draw(st.booleans()), band=draw(st.sampled_from([0, 0, 2, 3])))
+    return cfg, frames
+
+
+@settings(max_examples=int(os.environ.get("COCOMPILE_ENCODER_EXAMPLES", "12")), deadline=None,
+          derandomize=bool(os.environ.get("CI")), suppress_health_check=list(HealthCheck),
+          print_blob=True)
+@given(encoders())
+def test_random_attention_stacks_are_exact(arch):
+    cfg, frames = arch
+    torch.manual_seed(0)
+    model = RandomEncoder(cfg).eval()
+    clip = torch.randn(2, cfg["cin"], frames)
+    co = cocompile.compile(model, clip[:1], time_dim=2, trace=False)
+    report = cocompile.verify(model, co, clip, sliding_steps=2 * frames)
+    assert report.passed, f"{cfg}\n{report}"
+    assert all(c.claimed for c in report.checks if c.name == "E1")

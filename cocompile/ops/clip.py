@@ -42,16 +42,22 @@ class ClipWindow:
                          rf=int(x.rf + (x.length - 1) / x.rate))
 
     @staticmethod
-    def states(arg, x: TimeInfo, key: str = "clip", frames: int | None = None) -> dict:
+    def states(arg, x: TimeInfo, key: str = "clip", frames: int | None = None,
+               reduced: tuple = ()) -> dict:
         n = x.length if frames is None else frames
-        return {key: (frames_shape(arg, x, n, stream_axis(arg)), arg.meta["val"].dtype,
+        shape = list(frames_shape(arg, x, n, stream_axis(arg)))
+        for a in reduced:                        # reduced per frame before buffering: size 1
+            shape[a] = 1
+        return {key: (tuple(shape), arg.meta["val"].dtype,
                       f"last {n} frames of {arg.name}, read as a whole each step")}
 
     @staticmethod
-    def frames(ctx, node, arg, x, key: str = "clip", frames: int | None = None):
+    def frames(ctx, node, arg, x, key: str = "clip", frames: int | None = None, pre=None):
         """The last L frames of `arg` after this step's chunk `x` (the state is updated); L is
-        the value's clip length unless `frames` says fewer are read."""
+        the value's clip length unless `frames` says fewer are read. `pre` reduces each chunk
+        over axes other than time (keeping them) before it is buffered."""
         info, axis = ctx.info(arg), stream_axis(arg)
+        x = x if pre is None else pre(x)
         xu, t = split_time(x, info, ctx.batch)
         wu, _ = split_time(ctx.state(node, key).movedim(0, axis), info, ctx.batch)
         n = info.length if frames is None else frames
@@ -63,6 +69,10 @@ class ClipWindow:
     @staticmethod
     def step(ctx, node, arg, x, run):
         return run(ClipWindow.frames(ctx, node, arg, x))
+
+
+SEPARABLE = {aten.mean.dim: aten.mean.dim, aten.sum.dim_IntList: aten.sum.dim_IntList,
+             aten.amax.default: aten.amax.default, aten.amin.default: aten.amin.default}
 
 
 @register_op(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
@@ -97,15 +107,29 @@ class Reduction(OpRule):
             out = x.moved(x.dim - gone)
         return (out, out) if isinstance(node.meta["val"], (tuple, list)) else out   # (values, indices)
 
+    def _pre(self, node, x: TimeInfo) -> tuple:
+        """Axes other than time that a mean/sum/amax/amin over time and them can reduce per
+        frame, before buffering (mean of means over equal counts is the mean): the window then
+        holds one value per frame instead of a whole frame."""
+        axes, ndim = self.axes(node), node.args[0].meta["val"].dim()
+        if node.target not in SEPARABLE or axes is None or x.merged or stream_axis(node.args[0]):
+            return ()
+        return tuple(sorted({a % ndim for a in axes} - {x.dim}))
+
     def states(self, node, an):
         x = an.info(node.args[0])
-        return ClipWindow.states(node.args[0], x) if self._over_time(node, x) else {}
+        if not self._over_time(node, x):
+            return {}
+        return ClipWindow.states(node.args[0], x, reduced=self._pre(node, x))
 
     def step(self, node, args, kwargs, ctx):
-        if not self._over_time(node, ctx.info(node.args[0])):
+        x = ctx.info(node.args[0])
+        if not self._over_time(node, x):
             return node.target(*args, **kwargs)
-        return ClipWindow.step(ctx, node, node.args[0], args[0],
-                               lambda w: node.target(w, *args[1:], **kwargs))
+        dims, op = self._pre(node, x), SEPARABLE.get(node.target)
+        pre = (lambda t: op(t, list(dims), True)) if dims else None
+        w = ClipWindow.frames(ctx, node, node.args[0], args[0], pre=pre)
+        return node.target(w, *args[1:], **kwargs)     # over size-1 axes: the identity
 
 
 @register_op(aten.select.int)

@@ -25,7 +25,7 @@ from ..errors import Refusal
 from ..timeinfo import META, TimeInfo
 from .clip import ClipWindow
 from .conv_forms import ConvGeometry, fold, form_of, partial, prepare
-from .frames import cat_frames, frames_shape, last_frames
+from .frames import cat_frames, frames_shape, last_frames, stream_axis
 from .registry import OpRule, register_op
 from .schema import bind, call
 
@@ -88,6 +88,11 @@ class WindowRule(OpRule):
         """Whether the op's divisor leaves padding out (average pooling)."""
         return False
 
+    def separable(self, node, x: TimeInfo):
+        """(axes, op) when this clip reduction is `op` over time and `axes`, which can then be
+        reduced per frame before buffering (a window of one value per frame); else None."""
+        return None
+
     def covers_clip(self, node, x: TimeInfo, win: Window) -> bool:
         """A window over the whole clip that yields one frame is a clip reduction."""
         return (out_shape(node)[x.dim] == 1 and x.length > 1
@@ -128,7 +133,8 @@ class WindowRule(OpRule):
         if win is None:
             return {}
         if self.covers_clip(node, x, win):
-            return ClipWindow.states(node.args[0], x)
+            pre = self.separable(node, x)
+            return ClipWindow.states(node.args[0], x, reduced=pre[0] if pre else ())
         p = plan(win, x.warmup)
         if p.state <= 0:
             return {}
@@ -142,8 +148,14 @@ class WindowRule(OpRule):
         if win is None:
             return self.run(node, args, args[0], None)
         if out_info.kind == "clip":
-            return ClipWindow.step(ctx, node, node.args[0], args[0],
-                                   lambda w: self.run(node, args, w, None))
+            pre = self.separable(node, x_info)
+            if pre is None:
+                return ClipWindow.step(ctx, node, node.args[0], args[0],
+                                       lambda w: self.run(node, args, w, None))
+            dims, op = pre
+            w = ClipWindow.frames(ctx, node, node.args[0], args[0],
+                                  pre=lambda t: op(t, list(dims), True))
+            return op(w, [x_info.dim], True)
         d, p, x = x_info.dim, plan(win, x_info.warmup), args[0]
         if win.left > 0 and x_info.warmup > 0:
             # the input's warm-up frames (streamed before its offline frame 0) may come to stand
@@ -370,6 +382,20 @@ class Pool(WindowRule):
                           "use ceil_mode=False, or pad the clip explicitly")
         return win
 
+    def separable(self, node, x):
+        """Pooling whose kernel covers every pooled axis whole, without padding, is a mean (max)
+        over them: the axes other than time are reduced per frame."""
+        shape, kernel = list(node.args[0].meta["val"].shape), list(self.arg(node, "kernel_size"))
+        pooled = list(range(len(shape) - len(kernel), len(shape)))
+        whole = all(_entry(kernel, j, 1) == shape[a] for j, a in enumerate(pooled))
+        if (not whole or _is_tuple(node) or x.merged or x.dim not in pooled
+                or stream_axis(node.args[0])
+                or any(self.arg(node, "padding") or [0]) or self.arg(node, "divisor_override")
+                or any(d != 1 for d in (self.arg(node, "dilation") or [1]))):
+            return None
+        others = tuple(a for a in pooled if a != x.dim)
+        return (others, self.reduce) if others else None
+
     def run(self, node, args, buf, d):
         values = bind(node.target, args, {})
         values["self"] = buf
@@ -386,6 +412,8 @@ class Pool(WindowRule):
 
 @register_op(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
 class AvgPool(Pool):
+    reduce = aten.mean.dim
+
     def exclude_pad(self, node):
         return not self.arg(node, "count_include_pad") and self.arg(node, "divisor_override") is None
 
@@ -393,5 +421,7 @@ class AvgPool(Pool):
 @register_op(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
              aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
 class MaxPool(Pool):
+    reduce = aten.amax.default
+
     def pad_value(self, node):
         return float("-inf")
