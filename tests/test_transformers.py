@@ -368,3 +368,27 @@ def test_random_attention_stacks_are_exact(arch):
     report = cocompile.verify(model, co, clip, sliding_steps=2 * frames)
     assert report.passed, f"{cfg}\n{report}"
     assert all(c.claimed for c in report.checks if c.name == "E1")
+
+
+class BandedMultihead(nn.Module):
+    """nn.MultiheadAttention with its weights requested (so torch computes bmm-softmax-bmm on
+    (N*heads, T, d) tensors) and a boolean band mask; per-token outputs."""
+
+    def __init__(self, d=32, band=4):
+        super().__init__()
+        self.att, self.band, self.out = nn.MultiheadAttention(d, 4, batch_first=True), band, nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = x.size(1)
+        lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        y, _ = self.att(x, x, x, attn_mask=(lag < 0) | (lag >= self.band))
+        return self.out(y)
+
+
+def test_written_out_banded_attention_streams_exactly():
+    model = BandedMultihead().eval()
+    co = cocompile.compile(model, torch.randn(1, 12, 32), time_dim=1, trace=False)
+    assert forms(co) == ["causal"]
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stream(co, x), model(x), atol=1e-4, rtol=1e-4)

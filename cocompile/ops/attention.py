@@ -223,7 +223,8 @@ class Attention(OpRule):
                 ctx.set_state(node, "k", last_frames(k, d, w - 1))
                 ctx.set_state(node, "v", last_frames(v, d, w - 1))
         mask = self._band_mask(ctx, info, q.shape[d], w, q.shape[0])
-        return aten.scaled_dot_product_attention(q, k, v, mask.unsqueeze(1), scale=b.get("scale"))
+        mask = mask.view(mask.shape[0], *[1] * (q.dim() - 3), *mask.shape[1:])   # over heads
+        return aten.scaled_dot_product_attention(q, k, v, mask, scale=b.get("scale"))
 
     @staticmethod
     def _band_mask(ctx, info, m: int, w: int, rows: int) -> torch.Tensor:
