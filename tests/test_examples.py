@@ -93,3 +93,31 @@ def test_bench_conv_stack_script(with_continual, monkeypatch, capsys):
         assert "continual-inference" in r["times"] and "forward_step" in out
     else:
         assert "continual-inference is not installed" in out and "continual-inference" not in r["times"]
+
+
+def test_speed_script(capsys, tmp_path, monkeypatch):
+    """`python examples/speed.py --size small --only tcn --rounds 3` prints one table row with every
+    column; the latencies, speedups and FLOPs are finite and positive (no timed assertion); --plot
+    draws the speedups, or says that matplotlib is missing."""
+    from importlib.util import find_spec
+    speed = importlib.import_module("speed")
+    png = tmp_path / "speed.png"
+    rows = speed.main(["--size", "small", "--only", "tcn", "--rounds", "3", "--plot", str(png)])
+    captured = capsys.readouterr()
+    table = [line for line in captured.out.splitlines() if line.startswith("|")]
+    assert len(table) == 3 and table[2].startswith("| tcn |")
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == list(speed.COLUMNS) and table[2].count("|") == len(header) + 1
+    (r,) = rows
+    assert set(r.ms) == {"clip", *speed.FORMS}
+    assert all(math.isfinite(v) and v > 0 for v in r.ms.values())
+    assert all(math.isfinite(r.share(f)) and r.share(f) > 0 for f in speed.FORMS)
+    assert r.ideal == r.clip_length / r.step_frames == 32
+    assert 0 < r.step_flops < r.clip_flops and r.state_bytes > 0 and r.compile_s > 0
+    if find_spec("matplotlib") is None:
+        assert "matplotlib is not installed" in captured.err and not png.exists()
+    else:
+        assert png.stat().st_size > 0 and f"plot: {png}" in captured.out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib -> ImportError
+    assert not speed.plot(rows, str(tmp_path / "none.png")) and not (tmp_path / "none.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
