@@ -4,7 +4,8 @@
                                         [--approximate] [--no-verify] [--trust-pickle] [--weights FILE]
     cocompile inspect MODEL             per-layer table: window, lag, receptive field, state, FLOPs
     cocompile verify MODEL ARTIFACT     E1 of the model's compilation, E4 of the artifact
-    cocompile bench MODEL               step vs clip latency on one thread (--artifact: onnxruntime)
+    cocompile bench MODEL               step vs clip latency on one thread; eager, TorchScript and
+                                        onnxruntime steps side by side (--eager-only: skip those)
 
 MODEL: a torch.export archive, `pkg.module:factory`, or (with --trust-pickle) a pickled module.
 """
@@ -65,6 +66,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "bench":
         p.add_argument("--steps", type=int, default=200, help="steps to time (default 200)")
         p.add_argument("--artifact", help="also time this ONNX artifact in onnxruntime")
+        p.add_argument("--eager-only", action="store_true",
+                       help="skip timing the TorchScript and ONNX artifacts beside the eager step")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,16,112,112 (batch first)")
     p.add_argument("--time-dim", type=int, default=None, help="axis of the frames (default 2)")
     p.add_argument("--step-frames", type=int, default=None, help="frames per step (default: smallest)")
@@ -206,10 +209,38 @@ def cmd_bench(args) -> int:
     print(f"clip ({co.clip_length} frames): {t_clip * 1e3:.3f} ms   step ({co.step_frames} frames): "
           f"{t_step * 1e3:.3f} ms   (1 thread, batch {clip.shape[0]})")
     print(f"per new output: step {t_step * 1e3:.3f} ms vs re-running the clip {t_clip * 1e3:.3f} ms "
-          f"({t_clip / t_step:.1f}x); a whole clip by steps: {n * t_step * 1e3:.3f} ms")
+          f"({t_clip / t_step:.1f}x); a whole clip by steps: {n * t_step * 1e3:.3f} ms", flush=True)
+    if not args.eager_only:
+        print(bench_forms(co, chunk, max(3, args.steps // 2), t_clip, args.artifact), flush=True)
     if args.artifact:
         print(bench_runtime(args.artifact, args.steps))
     return OK
+
+
+def bench_forms(co, chunk: torch.Tensor, rounds: int, t_clip: float, onnx_path: str | None = None) -> str:
+    """The eager step, the TorchScript artifact and the ONNX artifact in onnxruntime side by side:
+    each steps its own stream; every round calls each once, in turn (so the machine's drift hits
+    all alike), after 3 untimed calls; medians over `rounds`. The artifacts are written to a
+    temporary folder (`onnx_path`, if given, is timed instead of a fresh ONNX export)."""
+    import tempfile
+
+    from cocompile.runtime import Session
+
+    n = len(co.out_infos)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_warnings():
+        with phase("exporting the step to TorchScript and ONNX to time them"):
+            script = load_artifact(co.export(os.path.join(tmp, "step.pt"))).run
+            sess = Session(onnx_path or co.export(os.path.join(tmp, "step.onnx")), threads=1)
+        x, batch = chunk.contiguous().numpy(), chunk.shape[0]
+        calls = {"eager": _stepper(lambda s: co.step(chunk, s)[1], co.initial_state(batch)),
+                 "TorchScript": _stepper(lambda s: script(chunk, *s)[n:], co.initial_state(batch)),
+                 "onnxruntime": _stepper(lambda s: sess.step(x, s)[1], sess.initial_state(batch))}
+        with torch.no_grad():
+            ms = {k: v * 1e3 for k, v in _interleaved(calls, rounds).items()}
+    times = "   ".join(f"{k} {v:.3f} ms ({t_clip * 1e3 / v:.1f}x)" for k, v in ms.items())
+    return (f"step, median of {rounds} interleaved rounds (x: clip / step): {times}; "
+            f"onnxruntime / eager {ms['onnxruntime'] / ms['eager']:.2f}, "
+            f"TorchScript / eager {ms['TorchScript'] / ms['eager']:.2f}")
 
 
 def bench_runtime(path: str, steps: int) -> str:
@@ -331,6 +362,27 @@ def _quiet_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         yield
+
+
+def _stepper(step, state):
+    """A call that runs `state = step(state)`: one stream stepping on its own state."""
+    box = [state]
+
+    def call():
+        box[0] = step(box[0])
+    return call
+
+
+def _interleaved(calls: dict, rounds: int, warmup: int = 3) -> dict:
+    """{name: median seconds}: each round calls every fn once, in turn, after `warmup` untimed rounds."""
+    times = {k: [] for k in calls}
+    for i in range(warmup + rounds):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def _median_time(fn, n: int) -> float:

@@ -119,6 +119,10 @@ def test_inspect_and_bench(files, capsys, tmp_path):
     code, out, _ = run(["bench", files / "model.pt2", "--steps", "2000", "--artifact", art], capsys)
     assert code == 0 and "step (2 frames)" in out and "onnxruntime" in out
     assert "steps 1801-2000" in out and "interleaved" in out
+    forms = next(line for line in out.splitlines() if line.startswith("step, median of 1000 interleaved"))
+    assert all(f"{k} " in forms for k in ("eager", "TorchScript", "onnxruntime", "onnxruntime / eager"))
+    code, out, _ = run(["bench", files / "model.pt2", "--steps", "20", "--eager-only"], capsys)
+    assert code == 0 and "step (2 frames)" in out and "TorchScript" not in out
 
 
 # -- exit 1 ----------------------------------------------------------------------------------------
