@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from cocompile.passes.graph_edit import inherit
+
 aten = torch.ops.aten
 _LAYOUT = (aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default,
            aten.dropout.default, aten.alias.default)
@@ -78,19 +80,15 @@ def _fold(gm, lin, path, copies) -> None:
         per_token = gm.graph.call_function(aten.linear.default, (x, w, b))
         per_position = gm.graph.call_function(aten.linear.default, (pe, w))
         out = gm.graph.call_function(aten.add.Tensor, (per_token, per_position))
-    per_position.meta["val"] = torch.nn.functional.linear(_meta(pe), _meta(w))
-    for n in (per_token, out):
-        n.meta.update({k: v for k, v in lin.meta.items() if not k.startswith("cocompile.")})
-    per_position.meta.update(nn_module_stack=lin.meta.get("nn_module_stack", {}),
-                             stack_trace=lin.meta.get("stack_trace"))
+    inherit(per_position, lin, val=torch.nn.functional.linear(_meta(pe), _meta(w)))
+    inherit(per_token, lin)
+    inherit(out, lin)
     lin.replace_all_uses_with(out)
 
 
 def _copy(gm, node, arg, val):
     c = gm.graph.call_function(node.target, (arg, *node.args[1:]), dict(node.kwargs))
-    c.meta.update({k: v for k, v in node.meta.items() if not k.startswith("cocompile.")})
-    c.meta["val"] = val
-    return c
+    return inherit(c, node, val=val)
 
 
 def _meta_of(node, arg):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from cocompile.passes.graph_edit import inherit
+
 aten = torch.ops.aten
 _MATMUL = (aten.matmul.default, aten.bmm.default)
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
@@ -37,8 +39,7 @@ def fuse_attention(gm: fx.GraphModule) -> int:
                 mask[0].meta["val"] = mask[0].args[0].meta["val"]
             att = gm.graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v),
                                          {"attn_mask": mask[0] if mask else None, "scale": scale})
-        att.meta.update({key: val for key, val in out.meta.items() if not key.startswith("cocompile.")})
-        out.replace_all_uses_with(att)
+        out.replace_all_uses_with(inherit(att, out))
         fused += 1
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import fx
 
 from cocompile.ops.convert import newest_frames, window_frames
+from cocompile.passes.graph_edit import inherit
 
 
 def insert_windows(gm: fx.GraphModule, conversions: dict) -> int:
@@ -20,9 +21,7 @@ def insert_windows(gm: fx.GraphModule, conversions: dict) -> int:
         if (arg, how) not in made:                  # one window of a value serves every reader
             with gm.graph.inserting_after(arg):
                 c = gm.graph.create_node("call_function", fn, (arg,), name=f"{arg.name}_{how}")
-            c.meta.update(val=arg.meta["val"], nn_module_stack=node.meta.get("nn_module_stack", {}),
-                          stack_trace=node.meta.get("stack_trace"))
-            made[(arg, how)] = c
+            made[(arg, how)] = inherit(c, arg, source=node)
         node.replace_input_with(arg, made[(arg, how)])
     gm.graph.lint()
     gm.recompile()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from cocompile.passes.graph_edit import inherit
+
 aten = torch.ops.aten
 _CHAIN = (aten.unsqueeze.default, aten.transpose.int, aten.squeeze.dim, aten.contiguous.default)
 
@@ -33,10 +35,7 @@ def split_projections(gm: fx.GraphModule) -> int:
                 wi = _slice(gm, w, i, size)
                 bi = _slice(gm, b, i, size) if b is not None else None
                 lin = gm.graph.call_function(aten.linear.default, (x, wi, bi))
-            lin.meta.update({k: v for k, v in pick.meta.items() if k != "cocompile.time"})
-            lin.meta.update(nn_module_stack=node.meta.get("nn_module_stack", {}),
-                            stack_trace=node.meta.get("stack_trace"))
-            pick.replace_all_uses_with(lin)
+            pick.replace_all_uses_with(inherit(lin, pick, source=node))
         done += 1
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
