@@ -9,7 +9,8 @@ artifact in onnxruntime through `cocompile.runtime.Session(path, threads=1).step
 re-running the clip (`model(clip)`); each step's speedup over the clip, also as a share of the
 ideal `T / step_frames` (a step that brings in step_frames new frames of a T-frame clip can at best
 cost that fraction of the clip); FLOPs per clip and per step (`flops.cocompile_flops`, which counts
-Transformer encoders outside their fused fast path) and the state bytes per stream.
+Transformer encoders outside their fused fast path) and their ratio, which bounds the speedup where
+the step must redo work (attention over the window), and the state bytes per stream.
 
 Timing is interleaved: after a few untimed warm-up calls, every round calls the clip and each step
 once, in turn, and the table shows the median over rounds, so that the drift of a shared machine
@@ -74,6 +75,11 @@ class Row:
     def share(self, form: str) -> float:
         return self.speedup(form) / self.ideal
 
+    @property
+    def flops_ratio(self) -> float:
+        """Clip FLOPs over step FLOPs: the speedup the arithmetic alone allows."""
+        return self.clip_flops / self.step_flops
+
 
 # -- measuring --------------------------------------------------------------------------------------
 def measure(name: str, size: str, rounds: int) -> Row:
@@ -134,7 +140,7 @@ def step_functions(model, clip, co, chunks, paths) -> dict:
 # -- reporting --------------------------------------------------------------------------------------
 COLUMNS = ("model", "input", "T / step", "compile s (+ first step)", "clip ms", "eager ms",
            "TorchScript ms", "onnxruntime ms", "eager x (of ideal)", "TorchScript x",
-           "onnxruntime x", "ideal x", "GFLOPs clip / step", "state KiB")
+           "onnxruntime x", "ideal x", "GFLOPs clip / step", "FLOPs x", "state KiB")
 
 
 def cells(r: Row) -> list[str]:
@@ -143,7 +149,8 @@ def cells(r: Row) -> list[str]:
     return [r.name, "x".join(map(str, r.input_shape[1:])), f"{r.clip_length} / {r.step_frames}",
             f"{r.compile_s:.1f} (+ {r.first_step_s:.1f})", f"{r.ms['clip']:.2f}",
             *(f"{r.ms[f]:.3f}" for f in FORMS), *speed, f"{r.ideal:.0f}x",
-            f"{r.clip_flops / 1e9:.4g} / {r.step_flops / 1e9:.4g}", f"{r.state_bytes / 1024:.1f}"]
+            f"{r.clip_flops / 1e9:.4g} / {r.step_flops / 1e9:.4g}", f"{r.flops_ratio:.1f}x",
+            f"{r.state_bytes / 1024:.1f}"]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -154,7 +161,8 @@ def format_table(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: str) -> bool:
-    """Bar chart of each step form's speedup over the clip, with the ideal; False without matplotlib."""
+    """Bar chart of each step form's speedup over the clip, with the ideal and the FLOPs ratio;
+    False (and a message) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -168,8 +176,12 @@ def plot(rows: list[Row], path: str) -> bool:
         values = [r.ideal if form == "ideal" else r.speedup(form) for r in rows]
         ax.bar([j + i * width for j in range(len(rows))], values, width, label=form,
                color="lightgrey" if form == "ideal" else None)
-    ax.set_xticks([j + 1.5 * width for j in range(len(rows))], [r.name for r in rows])
+    centers = [j + 1.5 * width for j in range(len(rows))]
+    ax.scatter(centers, [r.flops_ratio for r in rows], marker="_", s=900, color="black", zorder=3,
+               label="FLOPs clip / step")
+    ax.set_xticks(centers, [r.name for r in rows])
     ax.set_yscale("log")
+    ax.set_ylim(bottom=1)
     ax.set_ylabel("speedup over re-running the clip")
     ax.set_title("cocompile step vs clip, 1 thread, batch 1 (ideal: T / step_frames)")
     ax.legend()
