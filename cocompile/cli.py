@@ -217,7 +217,7 @@ def cmd_bench(args) -> int:
     return OK
 
 
-def bench_forms(co, chunk: torch.Tensor, rounds: int, t_clip: float, onnx_path: str | None = None) -> str:
+def bench_forms(co, chunk: torch.Tensor, rounds: int, t_clip: float, onnx_path=None) -> str:
     """The eager step, the TorchScript artifact and the ONNX artifact in onnxruntime side by side:
     each steps its own stream; every round calls each once, in turn (so the machine's drift hits
     all alike), after 3 untimed calls; medians over `rounds`. The artifacts are written to a

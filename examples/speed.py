@@ -1,6 +1,6 @@
 """Step latency of every example against re-running its clip, eager, TorchScript and onnxruntime.
 
-    python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds 20] [--plot docs/speed.png]
+    python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--plot FILE.png]
 
 One table from one run, one thread, batch 1. Per example: the time `cocompile.compile` takes (and
 the first step, which traces the step graph); the latency of one step in three forms (the eager
@@ -81,7 +81,7 @@ class Row:
         return self.clip_flops / self.step_flops
 
 
-# -- measuring --------------------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------------
 def measure(name: str, size: str, rounds: int) -> Row:
     """Compile one example, write its artifacts to a temporary folder and time everything."""
     module, kwargs = EXAMPLES[name]
@@ -137,7 +137,7 @@ def step_functions(model, clip, co, chunks, paths) -> dict:
     }
 
 
-# -- reporting --------------------------------------------------------------------------------------
+# -- reporting -------------------------------------------------------------------------------------
 COLUMNS = ("model", "input", "T / step", "compile s (+ first step)", "clip ms", "eager ms",
            "TorchScript ms", "onnxruntime ms", "eager x (of ideal)", "TorchScript x",
            "onnxruntime x", "ideal x", "GFLOPs clip / step", "FLOPs x", "state KiB")
@@ -200,7 +200,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--only", default=",".join(EXAMPLES),
                         help="comma-separated examples (default all: " + ",".join(EXAMPLES) + ")")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw the speedups (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(EXAMPLES))
