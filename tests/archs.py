@@ -209,3 +209,12 @@ def architectures(draw):
     if not fits:
         spec["layers"], fits = [("relu",)], [8]
     return spec, padded, draw(st.sampled_from(fits))
+
+
+def model_and_clip(spec: dict, T: int):
+    """The eval model of `spec` and a random batch of two clips of T frames for it."""
+    torch.manual_seed(0)
+    model = Net(spec).eval()
+    shape = [2, spec["in_ch"]] + [3] * spec["nd"]
+    shape[2 + spec["t_axis"]] = T
+    return model, torch.randn(shape)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cocompile
-from archs import Net, architectures
+from archs import architectures, model_and_clip
 from cocompile.ops.conv_forms import FORCE_ENV, FORM_META, FORMS, ConvGeometry, fold, partial, prepare
 from cocompile.passes.choose_forms import cache_dir
 from test_export import e4
@@ -86,11 +86,7 @@ def test_fold_and_partial_compute_the_convolution(nd, pointwise):
 @given(architectures(), st.sampled_from([1, 2]))
 def test_random_architectures_are_exact_in_every_form(form, arch, multiple):
     spec, padded, T = arch
-    torch.manual_seed(0)
-    model = Net(spec).eval()
-    shape = [2, spec["in_ch"]] + [3] * spec["nd"]
-    shape[2 + spec["t_axis"]] = T
-    clip = torch.randn(shape)
+    model, clip = model_and_clip(spec, T)
     co = cocompile.compile(model, clip[:1], time_dim=2 + spec["t_axis"], trace=False)
     if multiple > 1 and T % (2 * co.step_frames) == 0:      # more frames per step: n > 1 paths
         co = cocompile.compile(model, clip[:1], time_dim=2 + spec["t_axis"], trace=False,

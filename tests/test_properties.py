@@ -5,11 +5,10 @@ E2 (sliding window == model on the last T frames) for every architecture without
 """
 import os
 
-import torch
 from hypothesis import HealthCheck, given, settings
 
 import cocompile
-from archs import Net, architectures
+from archs import architectures, model_and_clip
 
 EXAMPLES = int(os.environ.get("COCOMPILE_PROPERTY_EXAMPLES", "200"))
 
@@ -19,11 +18,7 @@ EXAMPLES = int(os.environ.get("COCOMPILE_PROPERTY_EXAMPLES", "200"))
 @given(architectures())
 def test_random_architectures_are_exact(arch):
     spec, padded, T = arch
-    torch.manual_seed(0)
-    model = Net(spec).eval()
-    shape = [2, spec["in_ch"]] + [3] * spec["nd"]
-    shape[2 + spec["t_axis"]] = T
-    clip = torch.randn(shape)
+    model, clip = model_and_clip(spec, T)
     co = cocompile.compile(model, clip[:1], time_dim=2 + spec["t_axis"], trace=False)
     report = cocompile.verify(model, co, clip)
     assert report.passed, f"{spec}\n{report}"
