@@ -66,9 +66,8 @@ def check_sliding(model, n, d, steps=None):
 
 # a covering set of the acceptance grid (layers x norm x head x d x n); examples/encoder_bench.py
 # runs the whole grid
-GRID = [(1, False, "newest", 64, 16), (1, True, "mean", 256, 64), (2, False, "mean", 256, 16),
-        (2, True, "newest", 64, 64), (3, False, "newest", 256, 64), (3, True, "mean", 64, 16),
-        (6, False, "mean", 64, 64), (6, True, "newest", 256, 16)]
+GRID = [(1, False, "newest", 256, 64), (2, True, "mean", 64, 16), (3, False, "mean", 256, 16),
+        (6, True, "newest", 64, 16), (2, False, "newest", 64, 64)]
 
 
 @pytest.mark.parametrize("layers,norm_first,head,d,n", GRID)
@@ -355,7 +354,7 @@ def encoders(draw):
     return cfg, frames
 
 
-@settings(max_examples=int(os.environ.get("COCOMPILE_ENCODER_EXAMPLES", "12")), deadline=None,
+@settings(max_examples=int(os.environ.get("COCOMPILE_ENCODER_EXAMPLES", "8")), deadline=None,
           derandomize=bool(os.environ.get("CI")), suppress_health_check=list(HealthCheck),
           print_blob=True)
 @given(encoders())
