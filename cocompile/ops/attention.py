@@ -209,7 +209,7 @@ class Attention(OpRule):
         if b.get("is_causal"):
             mask = torch.ones(n_q, args[1].shape[-2], dtype=torch.bool).tril()[n_q - m:]
         elif b.get("attn_mask") is not None:
-            mask = self._arg(node, args, kwargs, "attn_mask")[..., n_q - m:, :]
+            mask = bind(node.target, args, kwargs)["attn_mask"][..., n_q - m:, :]
         return aten.scaled_dot_product_attention(q, args[1], args[2], mask, scale=b.get("scale"))
 
     def _step_causal(self, node, args, kwargs, ctx, form):
@@ -238,12 +238,6 @@ class Attention(OpRule):
         mask = band[None] & ((pos >= 0)[:, None, :] | (lag == 0)[None])
         fold = rows // mask.shape[0]
         return mask if fold == 1 else mask.repeat_interleave(fold, 0)
-
-    @staticmethod
-    def _arg(node, args, kwargs, name):
-        names = [a.name for a in node.target._schema.arguments]
-        i = names.index(name)
-        return args[i] if i < len(args) else kwargs[name]
 
 
 def _count_cpu_attention() -> None:
