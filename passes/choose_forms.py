@@ -22,14 +22,15 @@ import time
 import torch
 from torch import fx
 
-from cocompile.ops.conv_forms import (FORM_META, ConvForm, applicable, fallback, fold, forced_form,
-                                      partial, prepare)
+from cocompile.ops.conv_forms import (FORM_META, ConvForm, applicable, fallback, fold, fold_rows, forced_form,
+                                      from_rows, partial, partial_rows, prepare, time_pointwise, to_rows)
 from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
 from cocompile.ops.window import Convolution, plan
 from cocompile.timeinfo import META, TimeInfo, reads_time
 
 REPEATS, BUDGET_S = 3, 0.03        # timed runs per form: up to 3, stopping after 30 ms
+STEP_VERSION = 2                   # of the forms' step code: cached times of older code are stale
 
 
 def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
@@ -37,9 +38,11 @@ def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
     force, chosen = forced_form(), {}
     for node in gm.graph.nodes:
         site = _site(node, step_frames)
-        if site is None or site.geometry.kernel == 1:     # one tap: nothing to choose
+        if site is None:
             continue
         forms = applicable(site.geometry)
+        if site.geometry.kernel == 1 and len(forms) == 1:   # one tap, no matrix product: as captured
+            continue
         if force is not None:
             name, how, ms = fallback(force, site.geometry), "forced", {}
         elif len(forms) == 1:
@@ -112,23 +115,35 @@ class _Runs:
             return torch.randn([int(s) for s in shape], generator=gen, dtype=val.dtype)
 
         self.x = rand(meta_shape(node.args[0], 1, g.frames, x_info))
-        self.buf = torch.cat([rand(meta_shape(node.args[0], 1, g.state, x_info)), self.x], g.d) \
-            if g.state > 0 else self.x.narrow(g.d, -g.state, g.frames + g.state)
+        self.window = rand(meta_shape(node.args[0], 1, max(g.state, 0), x_info))
         out = node.meta[META]
         self.sums = rand(meta_shape(node, 1, g.extent - 1, out)) if g.extent > 1 else None
         self.args = fx.node.map_arg(node.args, lambda n: _const(n, consts) if _const(n, consts) is not None
                                     else rand(meta_shape(n, 1)))
         self.a = site.rule.conv_args(node, self.args, {})
 
+    def buf(self, window, x, t):
+        """The frames a window-state form runs on: its state, then the chunk (as in the step)."""
+        g = self.site.geometry
+        return torch.cat([window, x], t) if g.state > 0 else x.narrow(t, -g.state, g.frames + g.state)
+
     def fn(self, form: str):
+        """One step of `form` from the chunk and the state to the output frames."""
         g, a, rule, node = self.site.geometry, self.a, self.site.rule, self.site.node
-        if form.startswith("fold"):
-            wf = prepare(form, a["weight"], g)
-            return lambda: fold(self.buf, wf, a["bias"], a, g)
-        if form.startswith("partial"):
-            wp = prepare(form, a["weight"], g)
-            return lambda: partial(self.x, self.sums, wp, a["bias"], a, g, g.frames)
-        return lambda: rule.run(node, self.args, self.buf, g.d)
+        w, d, bias = prepare(form, a["weight"], g), g.d, a["bias"]
+        if form == "fold-mm":
+            window = to_rows(self.window, d).contiguous()
+            return lambda: from_rows(fold_rows(self.buf(window, to_rows(self.x, d), -2), w, bias, g), d)
+        if form == "partial-mm":
+            sums = to_rows(self.sums, d).contiguous()
+            return lambda: from_rows(partial_rows(to_rows(self.x, d), sums, w, bias, g, g.frames)[0], d)
+        if form == "fold":
+            return lambda: fold(self.buf(self.window, self.x, d), w, bias, a, g)
+        if form == "partial":
+            return lambda: partial(self.x, self.sums, w, bias, a, g, g.frames)
+        if form == "mm":
+            return lambda: time_pointwise(self.x, w, bias, a, d)
+        return lambda: rule.run(node, self.args, self.buf(self.window, self.x, d), d)
 
 
 def _time(fn) -> float:
@@ -161,12 +176,12 @@ def cache_dir() -> str:
 def _key(runs: _Runs, form: str) -> dict:
     """What a step's time depends on: op, step shapes, conv arguments, dtype, torch, form."""
     a, node = runs.a, runs.site.node
-    return {"op": str(node.target), "x": list(runs.x.shape), "buf": list(runs.buf.shape),
+    return {"op": str(node.target), "x": list(runs.x.shape), "window": list(runs.window.shape),
             "w": list(a["weight"].shape), "bias": a["bias"] is not None, "stride": list(a["stride"]),
             "padding": list(a["padding"]), "dilation": list(a["dilation"]), "groups": int(a["groups"]),
             "geometry": repr(runs.site.geometry), "dtype": str(a["weight"].dtype),
             "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "threads": 1,
-            "form": form}
+            "form": form, "step": STEP_VERSION}
 
 
 def _cache_path(key: dict) -> str:

@@ -19,7 +19,8 @@ from torch import nn
 
 import cocompile
 from archs import architectures, model_and_clip
-from cocompile.ops.conv_forms import FORCE_ENV, FORM_META, FORMS, ConvGeometry, fold, partial, prepare
+from cocompile.ops.conv_forms import (FORCE_ENV, FORM_META, FORMS, ConvGeometry, fold, fold_rows, from_rows, partial,
+                                     partial_rows, prepare, time_pointwise, to_rows)
 from cocompile.passes.choose_forms import cache_dir
 from test_export import e4
 
@@ -79,6 +80,28 @@ def test_fold_and_partial_compute_the_convolution(nd, pointwise):
             outs.append(y)
         outs.append(partial(x.narrow(d, 0, 0), sums, wp, b, a, g, e - 1)[0])
         torch.testing.assert_close(torch.cat(outs, d), ref, rtol=0, atol=1e-10)
+        if flavour:                      # the -mm forms' steps, on their state of rows
+            wf, rows = prepare("fold-mm", w, g), to_rows(x, d)
+            got = from_rows(fold_rows(rows.narrow(-2, 0, e), wf, b, g), d)
+            torch.testing.assert_close(got, _conv(x, w, b, nd, d, dil, groups, other)[0].narrow(d, 0, 1),
+                                       rtol=0, atol=1e-10)
+            sums, outs = to_rows(torch.zeros_like(ref.narrow(d, 0, e - 1)), d), []
+            for t in range(0, T, n):
+                y, sums = partial_rows(rows.narrow(-2, t, n), sums, wp, b, g, n)
+                outs.append(from_rows(y, d))
+            outs.append(from_rows(partial_rows(rows.narrow(-2, 0, 0), sums, wp, b, g, e - 1)[0], d))
+            torch.testing.assert_close(torch.cat(outs, d), ref, rtol=0, atol=1e-10)
+
+
+def test_a_kernel_of_ones_is_one_matrix_product():
+    """mm: a conv whose kernel is 1 on every axis, over a chunk of frames, as one product."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 3, 4, 5).double(), torch.randn(7, 6, 1, 1, 1).double(), torch.randn(7).double()
+    g = ConvGeometry(2, 1, 1, 1, 1, 6, 7, 3, 0, True)
+    a = dict(stride=[1] * 3, padding=[0] * 3, dilation=[1] * 3, groups=1)
+    got = time_pointwise(x, prepare("mm", w, g), b, a, 2)
+    torch.testing.assert_close(got, aten.convolution(x, w, b, [1] * 3, [0] * 3, [1] * 3, False, [0] * 3, 1),
+                               rtol=0, atol=1e-10)
 
 
 # -- whole networks, every form forced ---------------------------------------------------------
@@ -114,12 +137,13 @@ class Stack(nn.Module):
         self.c = nn.Conv3d(8, 8, ax(2, 3), stride=ax(2, 1), padding=ax(0, 1))
         self.d = nn.Conv3d(8, 8, ax(3, 3), padding=ax(1, 1), groups=8)
         self.e = nn.Conv3d(8, 8, ax(3, 1), padding=ax(1, 0))       # pure temporal kernel
+        self.f = nn.Conv3d(8, 4, 1)                                 # kernel 1 everywhere
 
     def forward(self, x):
         h = torch.relu(self.a(x))
         h = h + self.b(h)
         h = torch.relu(self.c(h))
-        return self.e(torch.relu(h + self.d(h)))
+        return self.f(self.e(torch.relu(h + self.d(h))))
 
 
 @pytest.mark.parametrize("t", [2, 3, 4])
@@ -133,13 +157,14 @@ def test_conv_stack_is_exact_and_uses_the_form(form, t):
     report = cocompile.verify(model, co, clip)
     assert report.passed, f"{form}\n{report}"
     forms = conv_forms_of(co)
-    assert len(forms) == 5 and all(f.how == "forced" for f in forms.values())
+    assert len(forms) == 6 and all(f.how == "forced" for f in forms.values())
     # step_frames 2 (stride 2 in c): two frames reach a, b; one frame (its stride) reaches c, d, e;
-    # only e is a matrix product over channels (-mm)
-    expected = {"window": ["window"] * 5, "fold": ["window", "window", "fold", "fold", "fold"],
-                "fold-mm": ["window", "window", "fold", "fold", "fold-mm"],
-                "partial": ["partial", "partial", "window", "partial", "partial"],
-                "partial-mm": ["partial", "partial", "window", "partial", "partial-mm"]}[form]
+    # only e is a matrix product over channels (-mm), and f one over channels alone (mm)
+    expected = {"window": ["window"] * 6, "fold": ["window", "window", "fold", "fold", "fold", "window"],
+                "fold-mm": ["window", "window", "fold", "fold", "fold-mm", "window"],
+                "partial": ["partial", "partial", "window", "partial", "partial", "window"],
+                "partial-mm": ["partial", "partial", "window", "partial", "partial-mm", "window"],
+                "mm": ["window"] * 5 + ["mm"]}[form]
     assert [f.name for f in forms.values()] == expected
     # partial sums: the state holds output frames (e-1 of them), the window form input frames
     spec = next(s for s in co.specs if s.name == "state.a")
@@ -182,7 +207,7 @@ def test_onnx_artifact_reproduces_every_form(form, tmp_path):
     graph = onnx.load(path).graph
     inits = {i.name for i in graph.initializer}
     products = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
-    assert len(products) == 5 and all(n.input[1] in inits for n in products)
+    assert len(products) == 6 and all(n.input[1] in inits for n in products)
 
 
 # -- the choice ------------------------------------------------------------------------------

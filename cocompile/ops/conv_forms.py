@@ -18,7 +18,12 @@ input frames per step. How its step is computed decides the speed (on oneDNN wit
            are the zero input state, i.e. the start padding.
   *-mm     fold and partial of a conv whose kernel is 1 on every other axis (a pure temporal
            kernel, groups 1): the conv over channels is a matrix product, run as a channels-last
-           linear (faster where few positions share a large channel product, e.g. ST-GCN).
+           linear (faster where few positions share a large channel product, e.g. ST-GCN). Their
+           state is kept as rows, (N, *other axes, frames, C): the taps of a position are then one
+           contiguous row (fold-mm's weight is tap-major, tap*Cin + ci) and the state update a cat
+           along the frames, with no transposing copy of the window in each step.
+  mm       a conv with kernel 1 on every axis, time included (ST-GCN's 1x1 graph convs): one
+           channels-last matrix product over the rows of the new frames.
 
 All of them compute the same sums in a different order (float rounding only), with plain ATen ops
 that torch.export, ONNX and TorchScript take as they are.
@@ -36,7 +41,8 @@ from ..errors import CompileError
 aten = torch.ops.aten
 
 FORM_META = "cocompile.conv_form"        # node.meta key of a convolution's ConvForm
-FORMS = ("window", "fold", "fold-mm", "partial", "partial-mm")
+FORMS = ("window", "fold", "fold-mm", "partial", "partial-mm", "mm")
+ROWS_FORMS = ("fold-mm", "partial-mm")   # state kept as rows (see the module docstring)
 FORCE_ENV = "COCOMPILE_CONV_FORM"        # one of FORMS: use that form wherever it applies
 
 
@@ -70,6 +76,7 @@ class ConvGeometry:
     frames: int
     state: int
     pointwise: bool = False      # kernel 1, stride 1, no padding on every other axis; groups 1
+    padding: int = 0             # along time
 
     @property
     def extent(self) -> int:
@@ -95,6 +102,12 @@ def why_not(form: str, g: ConvGeometry) -> str | None:
     if form == "partial" and (g.stride != 1 or g.extent == 1):
         return f"partial sums need temporal stride 1 and extent > 1 (stride {g.stride}, " \
                f"extent {g.extent})"
+    if form == "mm":
+        if not (g.pointwise and g.kernel == 1 and g.stride == 1 and g.padding == 0):
+            return "a matrix product needs kernel 1, stride 1 and no padding on every axis, and groups 1"
+        return None
+    if g.kernel == 1:
+        return f"{form} needs a temporal kernel > 1"
     if form.endswith("-mm"):
         if not g.pointwise:
             return "a matrix product needs kernel 1, stride 1 and no padding on every axis but " \
@@ -105,7 +118,7 @@ def why_not(form: str, g: ConvGeometry) -> str | None:
 
 def applicable(g: ConvGeometry) -> list[str]:
     """The forms that can run this convolution's step; `window` always can."""
-    return [f for f in FORMS if why_not(f, g) is None]
+    return ["window"] + [f for f in FORMS[1:] if why_not(f, g) is None]
 
 
 def fallback(form: str, g: ConvGeometry) -> str:
@@ -124,9 +137,15 @@ def prepare(form: str, weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     partial: (g*k*Cout/g, Cin/g, *other kernel axes), output channel (group, position, o):
              position i holds tap k-1-i (see contributions()).
     Both keep a time axis of kernel 1 at d where the step needs one (conv1d, several frames per
-    step); the -mm flavours are the same matrices flattened to 2-D, for a matrix product.
+    step); the -mm flavours are the same matrices flattened to 2-D, for a matrix product, except
+    that fold-mm orders its columns tap-major (tap*Cin + ci), as the rows of its state lie; mm is
+    the (Cout, Cin) matrix of a kernel that is 1 everywhere.
     """
     base = form.removesuffix("-mm")
+    if form == "mm":
+        return weight.flatten(1).contiguous()
+    if form == "fold-mm":
+        return weight.movedim(g.d, 1).flatten(1).contiguous()
     if base == "fold":
         w = weight.movedim(g.d, 2).flatten(1, 2)
         time_axis = w.dim() == 2                     # conv1d: the folded frame keeps its axis
@@ -136,6 +155,12 @@ def prepare(form: str, weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
         time_axis = g.frames != 1 or w.dim() == 2
     else:
         return weight
+    if form == "mm":
+        if not (g.pointwise and g.kernel == 1 and g.stride == 1 and g.padding == 0):
+            return "a matrix product needs kernel 1, stride 1 and no padding on every axis, and groups 1"
+        return None
+    if g.kernel == 1:
+        return f"{form} needs a temporal kernel > 1"
     if form.endswith("-mm"):
         return w.flatten(1).contiguous()
     return (w.unsqueeze(g.d) if time_axis else w).contiguous()
@@ -168,7 +193,10 @@ def fold(buf: torch.Tensor, wf: torch.Tensor, bias, a: dict, g: ConvGeometry) ->
     taps = buf.narrow(g.d, 0, g.extent)
     if g.dilation > 1:                               # every dd-th frame is a tap
         taps = aten.slice.Tensor(taps, g.d, 0, g.extent, g.dilation)
-    x = taps.movedim(g.d, 2).flatten(1, 2).unsqueeze(g.d)   # (N, Cin*k, ..1..): channel ci*k + tap
+    if wf.dim() == 2:                                # fold-mm: tap-major, channel tap*Cin + ci
+        x = taps.movedim(g.d, 1).flatten(1, 2).unsqueeze(g.d)
+    else:                                            # (N, Cin*k, ..1..): channel ci*k + tap
+        x = taps.movedim(g.d, 2).flatten(1, 2).unsqueeze(g.d)
     return time_pointwise(x, wf, bias, a, g.d)
 
 
@@ -189,9 +217,14 @@ def contributions(z: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """The tap outputs laid out by the output frame they belong to: (N, g, Cout/g, ..., e-1+n
     along d+1, ...). With the buffer [e-1 pending | n new], new frame q reaches output m through
     tap j iff m = e-1+q - j*dd, i.e. position i*dd + q for i = k-1-j."""
-    t, n, dd, k = g.d + 1, z.shape[g.d + 2], g.dilation, g.kernel
+    return _by_output_frame(z.movedim(2, g.d + 1), g.d + 1, g)
+
+
+def _by_output_frame(c: torch.Tensor, t: int, g: ConvGeometry) -> torch.Tensor:
+    """Tap outputs c with position i on axis t and new frame q on t+1, summed into the e-1+n
+    output frames they reach (on axis t; see contributions())."""
+    n, dd, k = c.shape[t + 1], g.dilation, g.kernel
     length = (k - 1) * dd + n
-    c = z.movedim(2, t)                              # position i on axis t, frame q on t+1
     if n <= dd:
         # positions i*dd+q never collide: pad each tap's frames to dd and lay them end to end
         if n < dd:
@@ -220,6 +253,52 @@ def partial(x: torch.Tensor, sums: torch.Tensor, wp: torch.Tensor, bias, a: dict
     if bias is not None:
         out = out + bias.view([1, -1] + [1] * (out.dim() - 2))
     return out, full.narrow(t, emit, full.shape[t] - emit).flatten(1, 2)
+
+
+# -- rows: the -mm forms' layout, (N, *other axes, frames, C) ------------------------------------
+def to_rows(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(N, C, ..., frames at d, ...) -> (N, *other axes, frames, C): a view."""
+    return x.movedim(1, -1).movedim(d - 1, -2)
+
+
+def from_rows(r: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of to_rows: a channels-last view, no copy."""
+    return r.movedim(-2, d - 1).movedim(-1, 1)
+
+
+def rows_shape(shape, d: int) -> tuple:
+    """to_rows applied to a shape."""
+    s = list(shape)
+    c = s.pop(1)
+    t = s.pop(d - 1)
+    return (*s, t, c)
+
+
+def fold_rows(buf: torch.Tensor, wf: torch.Tensor, bias, g: ConvGeometry) -> torch.Tensor:
+    """fold-mm on rows: the one output frame (rows, 1 frame) of a window starting at buf's first
+    frame; each position's taps are one row of k*Cin values (wf = prepare("fold-mm", weight))."""
+    taps = buf.narrow(-2, 0, g.extent)
+    if g.dilation > 1:
+        taps = aten.slice.Tensor(taps, taps.dim() - 2, 0, g.extent, g.dilation)
+    y = aten.linear(taps.reshape(-1, g.kernel * g.cin), wf, bias)
+    return y.view(*taps.shape[:-2], 1, g.cout)
+
+
+def partial_rows(x: torch.Tensor, sums: torch.Tensor, wp: torch.Tensor, bias, g: ConvGeometry,
+                 emit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """partial-mm on rows: x (rows, n frames, Cin), sums (rows, e-1 frames, Cout); as partial()."""
+    t, pending = sums.dim() - 2, g.extent - 1
+    full = sums
+    if x.shape[-2]:
+        z = aten.linear(x.reshape(-1, g.cin), wp).view(*x.shape[:-1], g.kernel, g.cout)
+        c = _by_output_frame(z.movedim(-2, -3), t, g)          # position i on t, frame q on t+1
+        full = torch.cat([full + c.narrow(t, 0, pending), c.narrow(t, pending, c.shape[t] - pending)], t)
+    if full.shape[t] < emit:
+        full = _pad_axis(full, t, 0, emit - full.shape[t])
+    out = full.narrow(t, 0, emit)
+    if bias is not None:
+        out = out + bias
+    return out, full.narrow(t, emit, full.shape[t] - emit)
 
 
 def _pad_axis(x: torch.Tensor, axis: int, before: int, after: int) -> torch.Tensor:

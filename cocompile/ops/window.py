@@ -24,7 +24,8 @@ import torch
 from ..errors import Refusal
 from ..timeinfo import META, TimeInfo
 from .clip import ClipWindow
-from .conv_forms import ConvGeometry, fold, form_of, partial, prepare
+from .conv_forms import (ROWS_FORMS, ConvGeometry, fold, fold_rows, form_of, from_rows, partial, partial_rows,
+                         prepare, rows_shape, time_pointwise, to_rows)
 from .frames import cat_frames, frames_shape, last_frames, stream_axis
 from .registry import OpRule, register_op
 from .schema import bind, call
@@ -214,8 +215,14 @@ def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int) -> tor
     """[rows, n] mask of the frames of a buffer that come before the value's offline frame 0 (or,
     in the flush, after its last); the buffer starts `offset` frames after the chunk's first.
     rows = batch * k where the model folds k rows per stream into axis 0."""
-    first = ctx.frames * x_info.rate.p // x_info.rate.q + offset - x_info.warmup
-    pos = first[:, None] + torch.arange(n, device=first.device)[None, :]
+    first = ctx.frames
+    if x_info.rate.p != 1:                       # (ops on the frame counter only where needed:
+        first = first * x_info.rate.p            # every op is a node of the traced step)
+    if x_info.rate.q != 1:
+        first = first // x_info.rate.q
+    if offset != x_info.warmup:
+        first = first + (offset - x_info.warmup)
+    pos = first[:, None] if n == 1 else first[:, None] + torch.arange(n, device=first.device)[None, :]
     pad = (pos < 0) | (pos >= x_info.length) if ctx.mode == "flush" else pos < 0
     fold = rows // pad.shape[0]
     return pad if fold == 1 else pad[:, None, :].expand(-1, fold, -1).flatten(0, 1)
@@ -291,18 +298,34 @@ class Convolution(WindowRule):
             int(w.shape[2 + j]) == 1 and _entry(a["stride"], j, 1) == 1 and _entry(a["padding"], j, 0) == 0
             for j in others)
         return ConvGeometry(d, win.kernel, win.dilation, win.stride, int(a["groups"]),
-                            int(w.shape[1]) * int(a["groups"]), int(w.shape[0]), frames, state, pointwise)
+                            int(w.shape[1]) * int(a["groups"]), int(w.shape[0]), frames, state, pointwise,
+                            win.left)
 
     def states(self, node, an):
-        if not form_of(node).name.startswith("partial"):
-            return super().states(node, an)
-        out, g = _main(node.meta[META]), self.geometry(node, an.info(node.args[0]).dim)
-        return {"window": (frames_shape(node, out, g.extent - 1), node.meta["val"].dtype,
-                           f"partial sums of the next {g.extent - 1} output frames (no bias)")}
+        form, d = form_of(node).name, an.info(node.args[0]).dim
+        if form.startswith("partial"):
+            out, g = _main(node.meta[META]), self.geometry(node, d)
+            spec = (frames_shape(node, out, g.extent - 1), node.meta["val"].dtype,
+                    f"partial sums of the next {g.extent - 1} output frames (no bias)")
+        else:
+            spec = super().states(node, an).get("window")
+        if spec is None:
+            return {}
+        if form in ROWS_FORMS:
+            spec = (rows_shape(spec[0], d), spec[1], spec[2] + ", as rows (frames, channels last)")
+        return {"window": spec}
 
     def step(self, node, args, kwargs, ctx):
         x_info = ctx.info(node.args[0])
-        if not form_of(node).name.startswith("partial") or self._window(node, x_info) is None:
+        form = form_of(node).name
+        if self._window(node, x_info) is None:
+            return super().step(node, args, kwargs, ctx)
+        if form in ROWS_FORMS:
+            if ctx.mode == "step":
+                return self._step_rows(node, args, x_info, ctx)
+            # the flush (rare) runs on the state turned back into the graph's layout
+            ctx = _StateAs(ctx, node, lambda t: from_rows(t, x_info.dim))
+        if not form.startswith("partial"):
             return super().step(node, args, kwargs, ctx)
         # partial sums: the new frames' tap outputs go into the pending output frames
         d, x, g = x_info.dim, args[0], self.geometry(node, x_info.dim)
@@ -316,9 +339,33 @@ class Convolution(WindowRule):
             ctx.set_state(node, "window", sums)
         return out
 
+    def _step_rows(self, node, args, x_info: TimeInfo, ctx):
+        """fold-mm and partial-mm, with the state kept as rows (conv_forms.to_rows)."""
+        d, x = x_info.dim, args[0]
+        g, win = self.geometry(node, d), self.window(node, d)
+        if win.left > 0 and x_info.warmup > 0:
+            x = zero_padding_frames(ctx, x_info, x, d)       # as in WindowRule.step
+        a = self.conv_args(node, args, {})
+        weight, rows, state = self._weight(node, a, ctx, g), to_rows(x, d), ctx.state(node, "window")
+        t = rows.dim() - 2
+        if form_of(node).name == "partial-mm":
+            out, sums = partial_rows(rows, state, weight, a["bias"], g, rows.shape[t])
+            ctx.set_state(node, "window", sums)
+            return from_rows(out, d)
+        p = plan(win, x_info.warmup)
+        if p.state > 0:
+            buf = cat_frames(state, rows, t)
+            ctx.set_state(node, "window", last_frames(buf, t, p.state))
+        else:                                   # windows with gaps: skip -S frames of the chunk
+            buf = rows.narrow(t, -p.state, rows.shape[t] + p.state)
+        return from_rows(fold_rows(buf, weight, a["bias"], g), d)
+
     def run_step(self, node, args, buf, d, ctx):
-        g = self.geometry(node, d)
-        if not form_of(node).name.startswith("fold") or buf.shape[d] - g.extent >= g.stride:
+        g, form = self.geometry(node, d), form_of(node).name
+        if form == "mm":
+            a = self.conv_args(node, args, {})
+            return time_pointwise(buf, self._weight(node, a, ctx, g), a["bias"], a, d)
+        if form != "fold" or buf.shape[d] - g.extent >= g.stride:
             return self.run(node, args, buf, d)
         # one output frame: its taps folded into the channels of a conv with one axis less
         a = self.conv_args(node, args, {})
@@ -347,6 +394,20 @@ class Convolution(WindowRule):
                 a["dilation"] = _with(a["dilation"], d - 2, 1, n)
         return aten.convolution.default(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
                                         a["dilation"], a["transposed"], a["output_padding"], a["groups"])
+
+
+class _StateAs:
+    """A step context whose state of `node` reads through `convert` (the flush of rows forms)."""
+
+    def __init__(self, ctx, node, convert):
+        self._ctx, self._node, self._convert = ctx, node, convert
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def state(self, node, key):
+        t = self._ctx.state(node, key)
+        return self._convert(t) if node is self._node else t
 
 
 def _same_padding(mode: str, node, n: int, dilation) -> list:
