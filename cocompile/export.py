@@ -96,7 +96,11 @@ def write_onnx(co, path: str) -> None:
     """ONNX via torch's dynamo exporter, then names, cleanup and metadata (see `finish_onnx`)."""
     import onnx
 
-    ep = export_program(co)
+    co.program.portable = True     # onnxruntime copies on every transpose: captured stateless forms
+    try:
+        ep = export_program(co)
+    finally:
+        co.program.portable = False
     with _quiet():
         program = torch.onnx.export(ep, example_args(co), dynamo=True, verbose=False,
                                     external_data=False)

@@ -61,11 +61,11 @@ class Inspection:
 
     def __str__(self) -> str:
         head = f"{'module':<28}{'op':<26}{'k/s/p/d (time)':<16}{'form':<9}{'lag':>5}{'rf':>5}" \
-               f"{'state B':>10}{'FLOPs/step':>13}{'FLOPs/clip':>13}"
+               f"{'state B':>11}{'FLOPs/step':>15}{'FLOPs/clip':>19}"
         rows = [head, "-" * len(head)]
         for r in self.layers:
             rows.append(f"{r.module[:27]:<28}{r.op[:25]:<26}{r.window:<16}{r.form:<9}{r.lag:>5}{r.rf:>5}"
-                        f"{r.state_bytes:>10}{r.flops_step:>13,}{r.flops_clip:>13,}")
+                        f"{r.state_bytes:>11,}{r.flops_step:>15,}{r.flops_clip:>19,}")
         ideal = self.flops_clip * self.step_frames / self.clip_length
         rows.append("-" * len(head))
         rows.append(f"total: {self.flops_step:,} FLOPs per step of {self.step_frames} frames vs "
@@ -74,7 +74,8 @@ class Inspection:
                     f"state {self.state_bytes:,} bytes per stream")
         if any(r.form and not _attention_form(r.form) for r in self.layers):
             rows.append("form: how a temporal conv steps (window: conv over buffered input frames; fold: "
-                        "taps folded into channels; partial: partial sums kept; *: forced)")
+                        "taps folded into channels; partial: partial sums kept; -mm: as a matrix product over rows; "
+                        "mm: a kernel of ones as one matrix product; *: forced)")
         if any(_attention_form(r.form) for r in self.layers):
             rows.append("attention over time: single (newest queries against cached keys/values), "
                         "causalW (key/value cache of a W-frame causal band), rerun (re-run over the "

@@ -25,11 +25,15 @@ from .timeinfo import META, STATE_META, TimeInfo, steps_by_rule
 
 class StepInterpreter(fx.Interpreter):
     """Runs one step (or the flush). Rules see it as `ctx`: mode, batch, frames, step_frames,
-    clip_length, info(node), state(node, key), set_state(node, key, value)."""
+    clip_length, portable, info(node), state(node, key), set_state(node, key, value).
+    portable: the step is being written for a runtime that runs every permute as a copy (ONNX),
+    so stateless ops take their captured form rather than a channels-last matrix product."""
 
-    def __init__(self, gm, mode: str, states: dict, frames: torch.Tensor, clip_length: int):
+    def __init__(self, gm, mode: str, states: dict, frames: torch.Tensor, clip_length: int,
+                 portable: bool = False):
         super().__init__(gm, garbage_collect_values=True)
         self.mode, self.states, self.frames, self.clip_length = mode, states, frames, clip_length
+        self.portable = portable
         self.next_states: dict = {}
         self.batch = frames.shape[0]
 
@@ -80,6 +84,7 @@ class StepProgram(torch.nn.Module):
         self.step_frames, self.clip_length = step_frames, clip_length
         self.order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.input_name = input_name
+        self.portable = False          # see StepInterpreter; set while an ONNX artifact is written
         for name, t in consts.items():
             self.register_buffer(name, t.detach().clone(), persistent=True)
 
@@ -88,7 +93,7 @@ class StepProgram(torch.nn.Module):
 
     def forward(self, x, frames, *states):
         named = {s.name: t for s, t in zip(self.specs[1:], states)}
-        it = StepInterpreter(self.gm, "step", named, frames, self.clip_length)
+        it = StepInterpreter(self.gm, "step", named, frames, self.clip_length, self.portable)
         outs = it.run(*self._args(x))
         nxt = [it.next_states[s.name] for s in self.specs[1:]]
         return (*outs, frames + self.step_frames, *nxt)
@@ -96,7 +101,7 @@ class StepProgram(torch.nn.Module):
     def flush(self, x_empty, frames, *states):
         """Outputs still missing at the end of a clip (per-frame: the rest; clip-level: final)."""
         named = {s.name: t for s, t in zip(self.specs[1:], states)}
-        it = StepInterpreter(self.gm, "flush", named, frames, self.clip_length)
+        it = StepInterpreter(self.gm, "flush", named, frames, self.clip_length, self.portable)
         return it.run(*self._args(x_empty))
 
 

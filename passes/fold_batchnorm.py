@@ -1,9 +1,13 @@
-"""Rewrite: fold each eval BatchNorm into the convolution that feeds it.
+"""Rewrite: fold each eval BatchNorm into the convolution that feeds it; the others become an
+affine map.
 
 Invariant left behind: no `batch_norm` reads a convolution that has no other user and constant
 weights; that convolution carries the folded weight W·γ/√(σ²+ε) and bias (b−μ)·γ/√(σ²+ε)+β as new
-constants. The graph computes the same function up to float rounding, with one op less per
-conv-BN pair in every step.
+constants. Every other eval BatchNorm with constant statistics is `x * scale + shift`, two
+pointwise ops with per-channel constants computed here once: they keep the layout of whatever
+feeds them (a channels-last step stays channels-last, and exporters' layout optimisers move
+transposes through them), where batch_norm wants its channels on axis 1. The graph computes the
+same function up to float rounding.
 """
 from __future__ import annotations
 
@@ -30,14 +34,48 @@ def _new_const(gm: fx.GraphModule, consts: dict, name: str, value: torch.Tensor,
     return node
 
 
+def _as_affine(gm: fx.GraphModule, consts: dict, bn: fx.Node) -> int:
+    """Replace an eval batch_norm with constant statistics by x * scale + shift (1 if done)."""
+    b = bind(bn.target, bn.args, bn.kwargs)
+    stats = [_const(b[k], consts) if b[k] is not None else None
+             for k in ("weight", "bias", "running_mean", "running_var")]
+    if b["training"] or stats[2] is None or stats[3] is None or any(
+            b[k] is not None and s is None for k, s in zip(("weight", "bias"), stats[:2])):
+        return 0
+    gamma, beta, mean, var = stats
+    scale = torch.rsqrt(var + b["eps"]) * (gamma if gamma is not None else 1)
+    shift = (beta if beta is not None else 0) - mean * scale
+    x, dims = bn.args[0], bn.meta["val"].dim()
+    view = (-1,) + (1,) * (dims - 2)
+    with gm.graph.inserting_before(bn):
+        s = _new_const(gm, consts, f"{b['running_var'].name}_scale", scale.view(view), b["running_var"])
+        t = _new_const(gm, consts, f"{b['running_mean'].name}_shift", shift.view(view), b["running_mean"])
+        s.meta["val"], t.meta["val"] = _fake(scale.view(view), x), _fake(shift.view(view), x)
+        mul = gm.graph.call_function(aten.mul.Tensor, (x, s))
+        add = gm.graph.call_function(aten.add.Tensor, (mul, t))
+    mul.meta.update(bn.meta)
+    add.meta.update(bn.meta)
+    bn.replace_all_uses_with(add)
+    gm.graph.erase_node(bn)
+    return 1
+
+
+def _fake(value: torch.Tensor, like: fx.Node):
+    """A fake tensor of `value`'s shape in the fake mode of `like`'s value (for node.meta)."""
+    mode = like.meta["val"].fake_mode
+    return mode.from_tensor(value)
+
+
 def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
-    """Fold every eligible conv -> batch_norm pair; returns how many were folded."""
+    """Fold every eligible conv -> batch_norm pair, make the other eval BatchNorms affine; returns
+    how many batch_norms were rewritten."""
     folded = 0
     for bn in list(gm.graph.nodes):
         if bn.target is not aten.batch_norm.default:
             continue
         conv = bn.args[0]
         if not isinstance(conv, fx.Node) or conv.target not in CONVS or len(conv.users) != 1:
+            folded += _as_affine(gm, consts, bn)
             continue
         b = bind(bn.target, bn.args, bn.kwargs)
         c = bind(conv.target, conv.args, conv.kwargs)
@@ -45,6 +83,7 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
         weight, bias = _const(c["weight"], consts), _const(c.get("bias"), consts)
         if b["training"] or c.get("transposed") or weight is None or any(s is None for s in stats) \
                 or (c.get("bias") is not None and bias is None):
+            folded += _as_affine(gm, consts, bn)
             continue
         gamma, beta, mean, var = stats
         scale = gamma / torch.sqrt(var + b["eps"])

@@ -21,6 +21,7 @@ import cocompile
 from archs import architectures, model_and_clip
 from cocompile.ops.conv_forms import (FORCE_ENV, FORM_META, FORMS, ConvGeometry, fold, fold_rows, from_rows, partial,
                                      partial_rows, prepare, time_pointwise, to_rows)
+from cocompile.ops.linalg import einsum_by_matmul
 from cocompile.passes.choose_forms import cache_dir
 from test_export import e4
 
@@ -208,6 +209,8 @@ def test_onnx_artifact_reproduces_every_form(form, tmp_path):
     inits = {i.name for i in graph.initializer}
     products = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     assert len(products) == 6 and all(n.input[1] in inits for n in products)
+    if form in ("window", "mm"):     # ONNX steps are portable: a kernel of ones stays a Conv there
+        assert all(n.op_type == "Conv" for n in products)
 
 
 # -- the choice ------------------------------------------------------------------------------
@@ -239,3 +242,26 @@ def test_a_form_that_does_not_exist_is_refused(monkeypatch):
     monkeypatch.setenv(FORCE_ENV, "fast")
     with pytest.raises(cocompile.CompileError, match=FORCE_ENV):
         cocompile.compile(nn.Conv1d(2, 2, 3), torch.randn(1, 2, 8), trace=False)
+
+
+# -- einsum with a fixed operand, as one matrix product --------------------------------------------
+@pytest.mark.parametrize("lx,lw,lo,sx,sw", [
+    ("nkctv", "kvw", "nctw", (2, 3, 8, 1, 25), (3, 25, 25)),     # ST-GCN's graph conv, one frame
+    ("nkctv", "kvw", "nctw", (2, 3, 8, 4, 25), (3, 25, 25)),
+    ("bij", "jk", "bik", (4, 5, 6), (6, 7)),
+    ("abc", "cd", "dba", (2, 3, 4), (4, 5))])
+def test_einsum_by_matmul_in_every_memory_order(lx, lw, lo, sx, sw):
+    """The same values as einsum whatever the chunk's memory order (float64); for rows (channels
+    last) the joints are mixed without a copy and the output stays channels-last."""
+    torch.manual_seed(0)
+    x, w = torch.randn(sx).double(), torch.randn(sw).double()
+    ref = torch.einsum(f"{lx},{lw}->{lo}", x, w)
+    for perm in itertools.permutations(range(len(sx))):
+        xp = x.permute(perm).contiguous().permute([perm.index(i) for i in range(len(sx))])
+        torch.testing.assert_close(einsum_by_matmul(lx, lw, lo, xp, w), ref, rtol=0, atol=1e-12)
+    if lx == "nkctv":
+        rows = x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)     # (n, t, v, k, c) in memory
+        out = einsum_by_matmul(lx, lw, lo, rows, w)
+        assert out.permute(0, 2, 3, 1).is_contiguous()                         # (n, t, w, c): rows again
+    assert einsum_by_matmul("bij", "bjk", "bik", torch.randn(2, 3, 4), torch.randn(2, 4, 5)) is None
+    assert einsum_by_matmul("ii", "ij", "j", torch.randn(3, 3), torch.randn(3, 4)) is None

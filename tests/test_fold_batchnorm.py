@@ -42,9 +42,12 @@ def test_folds_single_user_convs_and_keeps_the_function():
     model = Net().eval()
     x = torch.randn(2, 2, 6, 5, 5)
     cap = capture(model, x[:1], 2)
-    assert fold_batchnorm(cap.gm, cap.consts) == 2
-    left = [n for n in cap.gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
-    assert len(left) == 1                                  # bn_b reads a conv with two users
+    assert fold_batchnorm(cap.gm, cap.consts) == 3
+    # bn_b reads a conv with two users: it becomes x * scale + shift instead
+    assert not [n for n in cap.gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+    mul = [n for n in cap.gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor]
+    assert len(mul) == 1 and mul[0].args[0].target is torch.ops.aten.conv3d.default
+    assert "bn_b" in str(mul[0].meta.get("nn_module_stack"))    # errors still name the module
     for got, ref in zip(run(cap, x), model(x)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert fold_batchnorm(cap.gm, cap.consts) == 0         # a second run changes nothing

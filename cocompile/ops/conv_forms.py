@@ -172,10 +172,10 @@ def time_pointwise(x: torch.Tensor, w: torch.Tensor, bias, a: dict, d: int) -> t
     along time: w 2-D is a matrix product over channels; w without a time axis needs one frame
     (a conv with one axis less, which oneDNN runs faster than a conv over a length-1 axis)."""
     if w.dim() == 2:                                 # kernel 1 everywhere: channels-last matmul
-        rows = x.movedim(1, -1)
+        rows = to_rows(x, d)
         # as one 2-D product: linear on a strided N-D input would broadcast (copy) the weight
         y = aten.linear(rows.reshape(-1, rows.shape[-1]), w, bias)
-        return y.view(*rows.shape[:-1], w.shape[0]).movedim(-1, 1)
+        return from_rows(y.view(*rows.shape[:-1], w.shape[0]), d)
     nd, j = x.dim() - 2, d - 2
     if w.dim() == x.dim():
         return aten.convolution.default(x, w, bias, _set(a["stride"], j, 1, nd), _set(a["padding"], j, 0, nd),
@@ -256,22 +256,25 @@ def partial(x: torch.Tensor, sums: torch.Tensor, wp: torch.Tensor, bias, a: dict
 
 
 # -- rows: the -mm forms' layout, (N, *other axes, frames, C) ------------------------------------
+def _rows_order(n: int, d: int) -> list[int]:
+    """The axes of an n-D value in rows order: batch, the other axes, time d, channels 1."""
+    return [0] + [a for a in range(2, n) if a != d] + [d, 1]
+
+
 def to_rows(x: torch.Tensor, d: int) -> torch.Tensor:
-    """(N, C, ..., frames at d, ...) -> (N, *other axes, frames, C): a view."""
-    return x.movedim(1, -1).movedim(d - 1, -2)
+    """(N, C, ..., frames at d, ...) -> (N, *other axes, frames, C): a view (one permute)."""
+    return x.permute(_rows_order(x.dim(), d))
 
 
 def from_rows(r: torch.Tensor, d: int) -> torch.Tensor:
     """Inverse of to_rows: a channels-last view, no copy."""
-    return r.movedim(-2, d - 1).movedim(-1, 1)
+    order = _rows_order(r.dim(), d)
+    return r.permute([order.index(a) for a in range(r.dim())])
 
 
 def rows_shape(shape, d: int) -> tuple:
     """to_rows applied to a shape."""
-    s = list(shape)
-    c = s.pop(1)
-    t = s.pop(d - 1)
-    return (*s, t, c)
+    return tuple(shape[a] for a in _rows_order(len(shape), d))
 
 
 def fold_rows(buf: torch.Tensor, wf: torch.Tensor, bias, g: ConvGeometry) -> torch.Tensor:

@@ -168,6 +168,64 @@ class Einsum(OpRule):
         fixed = [o for o in operands if not an.info(o).is_time]
         return join(an, node, operands, lambda arg, info: out.index(letter), contracted=fixed)
 
+    def step(self, node, args, kwargs, ctx):
+        """A frame-local einsum of a chunk with one fixed operand (ST-GCN's graph conv mixing
+        joints with the adjacency) as one matrix product laid out after the chunk's memory
+        (einsum_by_matmul); anything else, and portable steps (ONNX), as captured."""
+        eq, operands = args[0].replace(" ", ""), list(args[1])
+        if len(operands) == 2 and "..." not in eq and "->" in eq and not ctx.portable:
+            timed = [ctx.info(o).is_time for o in node.args[1]]
+            if timed.count(True) == 1:
+                i = timed.index(True)
+                (lx, lw), lo = eq.split("->")[0].split(","), eq.split("->")[1]
+                if i == 1:
+                    lx, lw = lw, lx
+                out = einsum_by_matmul(lx, lw, lo, operands[i], operands[1 - i])
+                if out is not None:
+                    return out
+        return node.target(*args, **kwargs)
+
+
+def einsum_by_matmul(lx: str, lw: str, lo: str, x: torch.Tensor, w: torch.Tensor):
+    """einsum(f"{lx},{lw}->{lo}", x, w) as one matrix product over x's memory order, or None
+    where the equation is not a plain contraction (batch letters, letters summed inside one
+    operand, repeated letters).
+
+    x's axes are read in memory order (largest stride first): when they run [free..., summed...,
+    free...], x is viewed, without a copy, as (L, S, R), and the product is w as (Fw, S) times
+    it: (L, Fw, R), already in the memory order the output keeps (for the rows of a channels-last
+    chunk, (N, V*K, C) against the adjacency: rows again). Otherwise x is copied once to (L, S)."""
+    if (len(set(lx)) < len(lx) or len(set(lw)) < len(lw) or set(lx) & set(lw) & set(lo)
+            or set(lx) - set(lw) - set(lo) or set(lw) - set(lx) - set(lo)):
+        return None
+    summed = [c for c in lx if c in lw and c not in lo]
+    size = dict(zip(lx, x.shape)) | dict(zip(lw, w.shape))
+    order = sorted((c for c in lx if size[c] > 1), key=lambda c: -x.stride(lx.index(c)))
+    first = next((j for j, c in enumerate(order) if c in summed), len(order))
+    run = first + sum(1 for c in order if c in summed)
+    if all(c in summed for c in order[first:run]):          # [free | summed | free] in memory
+        lead, trail = order[:first], order[run:]
+        summed = [c for c in order if c in summed] + [c for c in summed if size[c] == 1]
+    else:
+        lead, trail = [c for c in order if c not in summed], []
+    lead = [c for c in lx if c not in summed and c not in trail and c not in lead] + lead  # size-1 axes
+    wf = [c for c in lw if c not in summed]
+    xm = x.permute([lx.index(c) for c in lead + summed + trail])
+    wm = w.permute([lw.index(c) for c in wf + summed]).reshape(_prod(wf, size), _prod(summed, size))
+    if trail:
+        y = torch.matmul(wm, xm.reshape(_prod(lead, size), _prod(summed, size), _prod(trail, size)))
+    else:
+        y = aten.linear(xm.reshape(_prod(lead, size), _prod(summed, size)), wm)
+    y = y.view([size[c] for c in lead + wf + trail])
+    return y.permute([(lead + wf + trail).index(c) for c in lo])
+
+
+def _prod(letters, size) -> int:
+    n = 1
+    for c in letters:
+        n *= size[c]
+    return n
+
 
 @register_op(aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
              aten.softmax.int, aten.log_softmax.int)

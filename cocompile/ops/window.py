@@ -362,7 +362,7 @@ class Convolution(WindowRule):
 
     def run_step(self, node, args, buf, d, ctx):
         g, form = self.geometry(node, d), form_of(node).name
-        if form == "mm":
+        if form == "mm" and not ctx.portable:
             a = self.conv_args(node, args, {})
             return time_pointwise(buf, self._weight(node, a, ctx, g), a["bias"], a, d)
         if form != "fold" or buf.shape[d] - g.extent >= g.stride:
