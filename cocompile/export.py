@@ -71,7 +71,15 @@ def example_args(co, batch: int = 2, seed: int | None = None) -> tuple[torch.Ten
 
 def export_program(co) -> torch.export.ExportedProgram:
     """torch.export the explicit step with the batch axis dynamic on every input (or fixed to the
-    batch size the model pinned, see metadata.compiled_batch)."""
+    batch size the model pinned, see metadata.compiled_batch). Kept on `co` (one per portability),
+    so writing several formats exports the step once."""
+    cache = co.__dict__.setdefault("_exported", {})
+    if co.program.portable not in cache:
+        cache[co.program.portable] = _export_program(co)
+    return cache[co.program.portable]
+
+
+def _export_program(co) -> torch.export.ExportedProgram:
     fixed = md.compiled_batch(co)
     args = example_args(co, fixed or 2)
     batch = Dim("batch")

@@ -305,4 +305,3 @@ def test_examples_e4_every_format(name, kwargs, approximate, tmp_path):
         err = e4(co, str(co.export(tmp_path / f"co_model{fmt}")))
         print(f"E4 {name}{'-se' if kwargs.get('se') else ''}{fmt}: max rel err {err:.3g}")
         assert err <= E4_RTOL, fmt
-    onnx.checker.check_model(onnx.load(str(tmp_path / "co_model.onnx")), full_check=True)
