@@ -155,12 +155,6 @@ def prepare(form: str, weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
         time_axis = g.frames != 1 or w.dim() == 2
     else:
         return weight
-    if form == "mm":
-        if not (g.pointwise and g.kernel == 1 and g.stride == 1 and g.padding == 0):
-            return "a matrix product needs kernel 1, stride 1 and no padding on every axis, and groups 1"
-        return None
-    if g.kernel == 1:
-        return f"{form} needs a temporal kernel > 1"
     if form.endswith("-mm"):
         return w.flatten(1).contiguous()
     return (w.unsqueeze(g.d) if time_axis else w).contiguous()
