@@ -34,17 +34,26 @@ def _new_const(gm: fx.GraphModule, consts: dict, name: str, value: torch.Tensor,
     return node
 
 
-def _as_affine(gm: fx.GraphModule, consts: dict, bn: fx.Node) -> int:
-    """Replace an eval batch_norm with constant statistics by x * scale + shift (1 if done)."""
-    b = bind(bn.target, bn.args, bn.kwargs)
+def _scale_shift(b: dict, consts: dict):
+    """(scale, shift) per channel of an eval batch_norm (bound arguments `b`) whose statistics and
+    affine parameters are constants: bn(x) = x * scale + shift. None otherwise."""
     stats = [_const(b[k], consts) if b[k] is not None else None
              for k in ("weight", "bias", "running_mean", "running_var")]
     if b["training"] or stats[2] is None or stats[3] is None or any(
             b[k] is not None and s is None for k, s in zip(("weight", "bias"), stats[:2])):
-        return 0
+        return None
     gamma, beta, mean, var = stats
     scale = torch.rsqrt(var + b["eps"]) * (gamma if gamma is not None else 1)
-    shift = (beta if beta is not None else 0) - mean * scale
+    return scale, (beta if beta is not None else 0) - mean * scale
+
+
+def _as_affine(gm: fx.GraphModule, consts: dict, bn: fx.Node) -> int:
+    """Replace an eval batch_norm with constant statistics by x * scale + shift (1 if done)."""
+    b = bind(bn.target, bn.args, bn.kwargs)
+    affine = _scale_shift(b, consts)
+    if affine is None:
+        return 0
+    scale, shift = affine
     x, dims = bn.args[0], bn.meta["val"].dim()
     view = (-1,) + (1,) * (dims - 2)
     with gm.graph.inserting_before(bn):
@@ -79,19 +88,17 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
             continue
         b = bind(bn.target, bn.args, bn.kwargs)
         c = bind(conv.target, conv.args, conv.kwargs)
-        stats = [_const(b[k], consts) for k in ("weight", "bias", "running_mean", "running_var")]
         weight, bias = _const(c["weight"], consts), _const(c.get("bias"), consts)
-        if b["training"] or c.get("transposed") or weight is None or any(s is None for s in stats) \
-                or (c.get("bias") is not None and bias is None):
+        affine = _scale_shift(b, consts)
+        if affine is None or b["weight"] is None or b["bias"] is None or c.get("transposed") \
+                or weight is None or (c.get("bias") is not None and bias is None):
             folded += _as_affine(gm, consts, bn)
             continue
-        gamma, beta, mean, var = stats
-        scale = gamma / torch.sqrt(var + b["eps"])
+        scale, shift = affine
         shape = (-1,) + (1,) * (weight.dim() - 1)
         new_w = _new_const(gm, consts, f"{c['weight'].name}_bnfold", weight * scale.view(shape), c["weight"])
         new_b = _new_const(gm, consts, f"{b['bias'].name}_bnfold",
-                           ((bias if bias is not None else torch.zeros_like(mean)) - mean) * scale + beta,
-                           b["bias"])
+                           (bias * scale if bias is not None else 0) + shift, b["bias"])
         args = list(conv.args)
         args[1] = new_w
         if len(args) > 2:
