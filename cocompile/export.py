@@ -25,6 +25,8 @@ import torch
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from cocompile.passes.tidy_step import tidy_step
+
 from . import metadata as md
 from .errors import CompileError
 
@@ -182,7 +184,9 @@ def _distinct_outputs(graph) -> list:
 def write_torchscript(co, path: str) -> None:
     """TorchScript of the exported ATen step (scripted, so the batch stays dynamic); the metadata
     is the extra file cocompile.json."""
-    gm = scriptable(export_program(co).module())
+    gm = export_program(co).module()
+    tidy_step(gm)
+    gm = scriptable(gm)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The TorchScript type system")

@@ -17,6 +17,8 @@ from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import _disable_current_modes
 
+from cocompile.passes.tidy_step import tidy_step
+
 from .errors import CompileError
 from .ops.frames import meta_shape
 from .ops.registry import StateSpec, rule_for
@@ -25,7 +27,8 @@ from .timeinfo import META, STATE_META, TimeInfo, steps_by_rule
 
 class StepInterpreter(fx.Interpreter):
     """Runs one step (or the flush). Rules see it as `ctx`: mode, batch, frames, step_frames,
-    clip_length, portable, info(node), state(node, key), set_state(node, key, value).
+    clip_length, portable, info(node), state(node, key), set_state(node, key, value), and memo, a
+    dict where rules keep values built once per step (e.g. frame positions for masks).
     portable: the step is being written for a runtime that runs every permute as a copy (ONNX),
     so stateless ops take their captured form rather than a channels-last matrix product."""
 
@@ -35,6 +38,7 @@ class StepInterpreter(fx.Interpreter):
         self.mode, self.states, self.frames, self.clip_length = mode, states, frames, clip_length
         self.portable = portable
         self.next_states: dict = {}
+        self.memo: dict = {}
         self.batch = frames.shape[0]
 
     # -- what rules call -------------------------------------------------------------------------
@@ -134,8 +138,10 @@ class TracedStep:
         # outer dispatch modes (e.g. a FLOP counter around co.step) must see the run, not the trace
         try:
             with _disable_current_modes(), torch.no_grad():
-                return make_fx(self.program, tracing_mode="fake", _allow_non_fake_inputs=True,
-                               pre_dispatch=True)(x, *state)
+                gm = make_fx(self.program, tracing_mode="fake", _allow_non_fake_inputs=True,
+                             pre_dispatch=True)(x, *state)
+                tidy_step(gm)
+                return gm
         except Exception as err:  # noqa: BLE001 - the interpreter still computes the same step
             warnings.warn(f"the step program could not be traced ({str(err).strip().splitlines()[0]}); "
                           "stepping runs the graph interpreter", stacklevel=4)

@@ -71,7 +71,8 @@ def continual_twin(model: nn.Sequential):
 
 # -- timing ---------------------------------------------------------------------------------------
 def interleaved(fns: dict, rounds: int) -> dict:
-    """{name: median seconds}: every round calls each fn once, in turn, after one warm-up call."""
+    """{name: median seconds per call}: every round calls each fn once, in turn, after one
+    warm-up call; a fn that runs several steps per call (Stepper's `burst`) is timed per step."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
@@ -79,19 +80,21 @@ def interleaved(fns: dict, rounds: int) -> dict:
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((time.perf_counter() - t0) / getattr(fn, "burst", 1))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 class Stepper:
-    """Calls one step per call, carrying the state, over the frames of a clip in a loop."""
+    """Calls `burst` steps per call (one stream's steps in a row), carrying the state, over the
+    frames of a clip in a loop."""
 
-    def __init__(self, step, state, frames):
-        self.step, self.state, self.frames, self.i = step, state, frames, 0
+    def __init__(self, step, state, frames, burst: int = 1):
+        self.step, self.state, self.frames, self.i, self.burst = step, state, frames, 0, burst
 
     def __call__(self):
-        self.state = self.step(self.frames[self.i % len(self.frames)], self.state)
-        self.i += 1
+        for _ in range(self.burst):
+            self.state = self.step(self.frames[self.i % len(self.frames)], self.state)
+            self.i += 1
 
 
 def runners(model, twin, co, onnx_path, clip) -> dict:

@@ -1,6 +1,6 @@
 """Step latency of every example against re-running its clip, eager, TorchScript and onnxruntime.
 
-    python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--plot FILE.png]
+    python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--stream N] [--plot FILE.png]
 
 One table from one run, one thread, batch 1. Per example: the time `cocompile.compile` takes (and
 the first step, which traces the step graph); the latency of one step in three forms (the eager
@@ -12,9 +12,12 @@ cost that fraction of the clip); FLOPs per clip and per step (`flops.cocompile_f
 Transformer encoders outside their fused fast path) and their ratio, which bounds the speedup where
 the step must redo work (attention over the window), and the state bytes per stream.
 
-Timing is interleaved: after a few untimed warm-up calls, every round calls the clip and each step
-once, in turn, and the table shows the median over rounds, so that the drift of a shared machine
-hits all columns alike. Steps carry their state from round to round over the clip's chunks.
+Timing is interleaved: after a few untimed warm-up calls, every round runs the clip once and then
+each step form for a stream of `--stream` steps in a row (as a live stream calls it: one step per
+new chunk, back to back; a step's time is the mean over its stream), and the table shows the median
+over rounds, so that the drift of a shared machine hits all columns alike. Steps carry their state
+from round to round over the clip's chunks. `--stream 1` times one step right after each clip
+(the clip has just flushed the caches: the slowest case).
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ class Row:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def measure(name: str, size: str, rounds: int) -> Row:
+def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
     """Compile one example, write its artifacts to a temporary folder and time everything."""
     module, kwargs = EXAMPLES[name]
     mod = import_example(module)
@@ -97,7 +100,7 @@ def measure(name: str, size: str, rounds: int) -> Row:
         first_step_s = time.perf_counter() - t0
     flops = cocompile_flops(model, co, clip)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = step_functions(model, clip, co, chunks, export(co, tmp))
+        fns = step_functions(model, clip, co, chunks, export(co, tmp), stream)
         with torch.no_grad():
             for _ in range(WARMUP - 1):                       # interleaved() warms up once more
                 for fn in fns.values():
@@ -121,8 +124,9 @@ def export(co, folder: str) -> dict:
     return paths
 
 
-def step_functions(model, clip, co, chunks, paths) -> dict:
-    """The calls to time, each step form on its own state: {"clip": ..., "eager": ..., ...}."""
+def step_functions(model, clip, co, chunks, paths, stream: int) -> dict:
+    """The calls to time, each step form on its own state, `stream` steps per call: {"clip": ...,
+    "eager": ..., ...}."""
     from cocompile.runtime import Session
 
     script, meta = load_torchscript(paths["TorchScript"])
@@ -130,10 +134,10 @@ def step_functions(model, clip, co, chunks, paths) -> dict:
     sess = Session(paths["onnxruntime"], threads=1)
     return {
         "clip": lambda: model(clip),
-        "eager": Stepper(lambda x, s: co.step(x, s)[1], co.initial_state(1), chunks),
-        "TorchScript": Stepper(lambda x, s: script(x, *s)[n_out:], co.initial_state(1), chunks),
+        "eager": Stepper(lambda x, s: co.step(x, s)[1], co.initial_state(1), chunks, stream),
+        "TorchScript": Stepper(lambda x, s: script(x, *s)[n_out:], co.initial_state(1), chunks, stream),
         "onnxruntime": Stepper(lambda x, s: sess.step(x, s)[1], sess.initial_state(1),
-                               [c.numpy() for c in chunks]),
+                               [c.numpy() for c in chunks], stream),
     }
 
 
@@ -200,6 +204,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--only", default=",".join(EXAMPLES),
                         help="comma-separated examples (default all: " + ",".join(EXAMPLES) + ")")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument("--stream", type=int, default=10,
+                        help="steps in a row per round and step form (default 10)")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -210,9 +216,10 @@ def main(argv=None) -> list[Row]:
     rows = []
     for name in names:
         log(f"{name} ({args.size}) ...")
-        rows.append(measure(name, args.size, args.rounds))
+        rows.append(measure(name, args.size, args.rounds, args.stream))
     print(f"cocompile {cocompile.__version__}, torch {torch.__version__}, 1 thread, batch 1, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds (per round: the clip once, then each step "
+          f"form for {args.stream} steps in a row)")
     print(format_table(rows))
     if args.plot and plot(rows, args.plot):
         print(f"plot: {args.plot}")

@@ -19,9 +19,9 @@ from torch import nn
 
 import cocompile
 from archs import architectures, model_and_clip
-from cocompile.ops.conv_forms import (FORCE_ENV, FORM_META, FORMS, ConvGeometry, fold, fold_rows, from_rows, partial,
-                                     partial_rows, prepare, time_pointwise, to_rows)
-from cocompile.ops.linalg import einsum_by_matmul
+from cocompile.ops.conv_forms import (FORCE_ENV, FORM_META, FORMS, ConvGeometry, channels_first_mm, fold, fold_rows,
+                                     from_rows, partial, partial_rows, prepare, time_pointwise, to_rows)
+from cocompile.ops.linalg import einsum_by_batched_matmul, einsum_by_matmul
 from cocompile.passes.choose_forms import cache_dir
 from test_export import e4
 
@@ -208,9 +208,12 @@ def test_onnx_artifact_reproduces_every_form(form, tmp_path):
     graph = onnx.load(path).graph
     inits = {i.name for i in graph.initializer}
     products = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
-    assert len(products) == 6 and all(n.input[1] in inits for n in products)
-    if form in ("window", "mm"):     # ONNX steps are portable: a kernel of ones stays a Conv there
+    assert len(products) == 6 and all(inits & set(n.input) for n in products)
+    if form == "window":
         assert all(n.op_type == "Conv" for n in products)
+    if form == "mm":     # ONNX steps are portable: a kernel of ones is W @ x on channels-first, no Transpose
+        assert sum(n.op_type == "MatMul" and n.input[0] in inits for n in products) == 1
+        assert not any(n.op_type == "Transpose" for n in graph.node)
 
 
 # -- the choice ------------------------------------------------------------------------------
@@ -265,3 +268,35 @@ def test_einsum_by_matmul_in_every_memory_order(lx, lw, lo, sx, sw):
         assert out.permute(0, 2, 3, 1).is_contiguous()                         # (n, t, w, c): rows again
     assert einsum_by_matmul("bij", "bjk", "bik", torch.randn(2, 3, 4), torch.randn(2, 4, 5)) is None
     assert einsum_by_matmul("ii", "ij", "j", torch.randn(3, 3), torch.randn(3, 4)) is None
+
+
+def test_a_kernel_of_ones_channels_first_is_the_convolution():
+    """The portable (ONNX) product of a kernel-1 conv: W @ x over the flattened positions."""
+    torch.manual_seed(0)
+    for shape in [(2, 5, 3), (2, 5, 1, 7), (1, 5, 2, 3, 4)]:
+        x, w, b = torch.randn(shape).double(), torch.randn(6, 5).double(), torch.randn(6).double()
+        nd = len(shape) - 2
+        ref = aten.convolution(x, w.view(6, 5, *[1] * nd), b, [1] * nd, [0] * nd, [1] * nd, False, [0] * nd, 1)
+        torch.testing.assert_close(channels_first_mm(x, w, b), ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(channels_first_mm(x, w, None), ref - b.view(1, 6, *[1] * nd),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("lx,lw,lo,sx,sw", [
+    ("nkctv", "kvw", "nctw", (2, 3, 8, 1, 25), (3, 25, 25)),     # ST-GCN's graph conv on NCHW
+    ("nkctv", "kvw", "nwtc", (2, 3, 8, 4, 25), (3, 25, 25)),
+    ("nctv", "vw", "nctw", (2, 8, 3, 25), (25, 25)),
+    ("bij", "jk", "bik", (4, 5, 6), (6, 7)),
+    ("aibj", "ijc", "acb", (2, 3, 4, 5), (3, 5, 6))])
+def test_einsum_by_batched_matmul_keeps_x_in_place(lx, lw, lo, sx, sw):
+    """The portable form of the same einsum: equal values (float64); x is only viewed, so where
+    the output order is x's own the result needs no copy either."""
+    torch.manual_seed(0)
+    x, w = torch.randn(sx).double(), torch.randn(sw).double()
+    out = einsum_by_batched_matmul(lx, lw, lo, x, w)
+    torch.testing.assert_close(out, torch.einsum(f"{lx},{lw}->{lo}", x, w), rtol=0, atol=1e-12)
+    if lo == "nctw":
+        assert out.is_contiguous()
+    # x's last letter must be summed with w; batch letters are for einsum itself
+    assert einsum_by_batched_matmul("abc", "bd", "acd", torch.randn(2, 3, 4), torch.randn(3, 5)) is None
+    assert einsum_by_batched_matmul("bij", "bjk", "bik", torch.randn(2, 3, 4), torch.randn(2, 4, 5)) is None

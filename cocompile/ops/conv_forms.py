@@ -181,6 +181,16 @@ def time_pointwise(x: torch.Tensor, w: torch.Tensor, bias, a: dict, d: int) -> t
     return y.unsqueeze(d)
 
 
+def channels_first_mm(x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+    """x (N, Cin, *positions) through a kernel-1 conv of matrix w (Cout, Cin) as one broadcasting
+    matrix product over the flattened positions: no axis moves (for runtimes that copy on every
+    transpose)."""
+    y = torch.matmul(w, x.reshape(x.shape[0], x.shape[1], -1))
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(x.shape[0], w.shape[0], *x.shape[2:])
+
+
 def fold(buf: torch.Tensor, wf: torch.Tensor, bias, a: dict, g: ConvGeometry) -> torch.Tensor:
     """The one output frame of a window starting at buf's first frame, as a conv over the taps
     folded into channels (wf = prepare("fold" or "fold-mm", weight))."""

@@ -171,16 +171,19 @@ class Einsum(OpRule):
     def step(self, node, args, kwargs, ctx):
         """A frame-local einsum of a chunk with one fixed operand (ST-GCN's graph conv mixing
         joints with the adjacency) as one matrix product laid out after the chunk's memory
-        (einsum_by_matmul); anything else, and portable steps (ONNX), as captured."""
+        (einsum_by_matmul), or, in portable steps (ONNX), where every permute is a copy, as a
+        batched product over x's axes as they are (einsum_by_batched_matmul); anything else as
+        captured."""
         eq, operands = args[0].replace(" ", ""), list(args[1])
-        if len(operands) == 2 and "..." not in eq and "->" in eq and not ctx.portable:
+        if len(operands) == 2 and "..." not in eq and "->" in eq:
             timed = [ctx.info(o).is_time for o in node.args[1]]
             if timed.count(True) == 1:
                 i = timed.index(True)
                 (lx, lw), lo = eq.split("->")[0].split(","), eq.split("->")[1]
                 if i == 1:
                     lx, lw = lw, lx
-                out = einsum_by_matmul(lx, lw, lo, operands[i], operands[1 - i])
+                by_matmul = einsum_by_batched_matmul if ctx.portable else einsum_by_matmul
+                out = by_matmul(lx, lw, lo, operands[i], operands[1 - i])
                 if out is not None:
                     return out
         return node.target(*args, **kwargs)
@@ -218,6 +221,37 @@ def einsum_by_matmul(lx: str, lw: str, lo: str, x: torch.Tensor, w: torch.Tensor
         y = aten.linear(xm.reshape(_prod(lead, size), _prod(summed, size)), wm)
     y = y.view([size[c] for c in lead + wf + trail])
     return y.permute([(lead + wf + trail).index(c) for c in lo])
+
+
+def einsum_by_batched_matmul(lx: str, lw: str, lo: str, x: torch.Tensor, w: torch.Tensor):
+    """einsum(f"{lx},{lw}->{lo}", x, w) without moving x's axes, or None where x's last letter is
+    not summed with w (or the equation is not a plain contraction).
+
+    x is viewed as [*batch, M, s]: s its last letter, M the run of free letters before it, batch
+    the rest. w becomes [*(size of each batch letter it shares, else 1), s, Fw], so one
+    broadcasting matmul gives [*batch, M, Fw]; the summed batch letters are then reduced. For
+    ST-GCN's 'nkctv,kvw->nctw' on NCHW: (n, k, c*t, v) @ (k, v, w), summed over k: already nctw."""
+    if (len(set(lx)) < len(lx) or len(set(lw)) < len(lw) or set(lx) & set(lw) & set(lo)
+            or set(lx) - set(lw) - set(lo) or set(lw) - set(lx) - set(lo)):
+        return None
+    summed = [c for c in lx if c in lw and c not in lo]
+    if not summed or lx[-1] not in summed:
+        return None
+    size = dict(zip(lx, x.shape)) | dict(zip(lw, w.shape))
+    m = len(lx) - 1
+    while m > 0 and lx[m - 1] not in summed:
+        m -= 1
+    batch, rows, s = lx[:m], lx[m:-1], lx[-1]
+    wf = [c for c in lw if c not in summed]
+    wm = w.permute([lw.index(c) for c in [c for c in batch if c in summed] + [s] + wf])
+    wm = wm.reshape([size[c] if c in summed else 1 for c in batch] + [size[s], _prod(wf, size)])
+    y = torch.matmul(x.reshape([size[c] for c in batch] + [_prod(rows, size), size[s]]), wm)
+    sums = [j for j, c in enumerate(batch) if c in summed]
+    if sums:
+        y = y.sum(sums)
+    kept = [c for c in batch if c not in summed] + list(rows) + wf
+    y = y.reshape([size[c] for c in kept])
+    return y.permute([kept.index(c) for c in lo])
 
 
 def _prod(letters, size) -> int:

@@ -24,7 +24,7 @@ import torch
 from ..errors import Refusal
 from ..timeinfo import META, TimeInfo
 from .clip import ClipWindow
-from .conv_forms import (ROWS_FORMS, ConvGeometry, fold, fold_rows, form_of, from_rows, partial, partial_rows,
+from .conv_forms import (ROWS_FORMS, ConvGeometry, channels_first_mm, fold, fold_rows, form_of, from_rows, partial, partial_rows,
                          prepare, rows_shape, time_pointwise, to_rows)
 from .frames import cat_frames, frames_shape, last_frames, stream_axis
 from .registry import OpRule, register_op
@@ -205,27 +205,41 @@ class WindowRule(OpRule):
 
 def zero_padding_frames(ctx, x_info: TimeInfo, x: torch.Tensor, d: int) -> torch.Tensor:
     """`x` (a chunk of the value `x_info`) with its frames before offline frame 0 set to zero."""
-    pad = padding_frames(ctx, x_info, 0, x.shape[d], x.shape[0])
-    view = [pad.shape[0]] + [1] * (x.dim() - 1)
+    view = [x.shape[0]] + [1] * (x.dim() - 1)
     view[d] = x.shape[d]
-    return torch.where(pad.view(view), 0.0, x)      # not a product: warm-up frames may hold inf
+    pad = padding_frames(ctx, x_info, 0, x.shape[d], x.shape[0], view)
+    return torch.where(pad, 0.0, x)      # not a product: warm-up frames may hold inf
 
 
-def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int) -> torch.Tensor:
-    """[rows, n] mask of the frames of a buffer that come before the value's offline frame 0 (or,
-    in the flush, after its last); the buffer starts `offset` frames after the chunk's first.
-    rows = batch * k where the model folds k rows per stream into axis 0."""
+def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int, view=None) -> torch.Tensor:
+    """[rows, n] mask (or the same viewed as `view`) of the frames of a buffer that come before the
+    value's offline frame 0 (or, in the flush, after its last); the buffer starts `offset` frames
+    after the chunk's first. rows = batch * k where the model folds k rows per stream into axis 0."""
+    pos = frame_positions(ctx, x_info.rate, n, rows, view)
+    shift = offset - x_info.warmup                   # the mask is pos + shift < 0, compared as is
+    pad = pos < -shift
+    return pad | (pos >= x_info.length - shift) if ctx.mode == "flush" else pad
+
+
+def frame_positions(ctx, rate, n: int, rows: int, view=None) -> torch.Tensor:
+    """Positions, at `rate`, of the chunk's n frames for each of `rows` rows, shaped [rows, n] or
+    `view`. Built once per step and shape, so that every mask of the step costs one comparison
+    (each op is a node of the traced step)."""
+    key = (rate.p, rate.q, n, str(rows), str(view))         # (sizes may be symbolic: str)
+    memo = ctx.memo
+    if key in memo:
+        return memo[key]
     first = ctx.frames
-    if x_info.rate.p != 1:                       # (ops on the frame counter only where needed:
-        first = first * x_info.rate.p            # every op is a node of the traced step)
-    if x_info.rate.q != 1:
-        first = first // x_info.rate.q
-    if offset != x_info.warmup:
-        first = first + (offset - x_info.warmup)
+    if rate.p != 1:
+        first = first * rate.p
+    if rate.q != 1:
+        first = first // rate.q
     pos = first[:, None] if n == 1 else first[:, None] + torch.arange(n, device=first.device)[None, :]
-    pad = (pos < 0) | (pos >= x_info.length) if ctx.mode == "flush" else pos < 0
-    fold = rows // pad.shape[0]
-    return pad if fold == 1 else pad[:, None, :].expand(-1, fold, -1).flatten(0, 1)
+    fold = rows // pos.shape[0]
+    if fold > 1:
+        pos = pos[:, None, :].expand(-1, fold, -1).flatten(0, 1)
+    memo[key] = pos = pos.view(view) if view else pos
+    return pos
 
 
 def out_shape(node) -> list:
@@ -362,8 +376,10 @@ class Convolution(WindowRule):
 
     def run_step(self, node, args, buf, d, ctx):
         g, form = self.geometry(node, d), form_of(node).name
-        if form == "mm" and not ctx.portable:
+        if form == "mm":
             a = self.conv_args(node, args, {})
+            if ctx.portable:
+                return channels_first_mm(buf, self._weight(node, a, ctx, g), a["bias"])
             return time_pointwise(buf, self._weight(node, a, ctx, g), a["bias"], a, d)
         if form != "fold" or buf.shape[d] - g.extent >= g.stride:
             return self.run(node, args, buf, d)
