@@ -29,6 +29,8 @@ from cocompile.passes.tidy_step import tidy_step
 
 from . import metadata as md
 from .errors import CompileError
+from .onnx_reshapes import collapse_reshape_chains
+from .ops.conv_forms import FORM_META, ROWS_FORMS, form_of
 
 E4_RTOL = 1e-5    # max|Δ| <= E4_RTOL * max(1, max|ref|) for every output and state
 
@@ -106,7 +108,7 @@ def write_onnx(co, path: str) -> None:
     """ONNX via torch's dynamo exporter, then names, cleanup and metadata (see `finish_onnx`)."""
     import onnx
 
-    co.program.portable = True     # onnxruntime copies on every transpose: captured stateless forms
+    co.program.portable = onnx_portable(co)
     try:
         ep = export_program(co)
     finally:
@@ -122,6 +124,17 @@ def write_onnx(co, path: str) -> None:
     onnx.save(model, path)
 
 
+def onnx_portable(co) -> bool:
+    """Whether the ONNX step takes the captured forms of stateless ops (StepInterpreter.portable).
+    onnxruntime copies on every transpose, so channels-last products between NCHW convs cost
+    copies there; but where every conv with a step form runs as a channels-last product and
+    some keep their state as rows (ST-GCN: 1x1 graph convs and temporal convs), the eager forms
+    keep the whole step channels-last, and the transposes between them cancel (the reshape
+    chains they sit in collapse, see onnx_reshapes)."""
+    forms = [form_of(n).name for n in co.program.gm.graph.nodes if FORM_META in n.meta]
+    return not (any(f in ROWS_FORMS for f in forms) and all(f in ROWS_FORMS + ("mm",) for f in forms))
+
+
 def finish_onnx(model, co):
     """Readable names (x, states; y/y.i, next states), a symbolic batch axis, no dead nodes,
     every state documented, and the metadata under metadata_props["cocompile"]."""
@@ -135,6 +148,7 @@ def finish_onnx(model, co):
     _name_all(graph.outputs, md.all_output_names(co), batch)
     _widen_window_attrs(graph)
     graph.cleanup().toposort()
+    collapse_reshape_chains(graph, gs.export_onnx(graph), batch)
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = "cocompile", md.cocompile_version()
     docs = {s.name: s.doc for s in co.specs} | {md.next_state_name(s.name): s.doc for s in co.specs}

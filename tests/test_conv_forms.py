@@ -242,9 +242,17 @@ def test_forms_are_measured_cached_and_reported(monkeypatch, tmp_path):
 
 
 def test_a_form_that_does_not_exist_is_refused(monkeypatch):
-    monkeypatch.setenv(FORCE_ENV, "fast")
-    with pytest.raises(cocompile.CompileError, match=FORCE_ENV):
-        cocompile.compile(nn.Conv1d(2, 2, 3), torch.randn(1, 2, 8), trace=False)
+    for value in ("fast", "fold-mm,fast"):
+        monkeypatch.setenv(FORCE_ENV, value)
+        with pytest.raises(cocompile.CompileError, match=f"{FORCE_ENV}.*'fast'"):
+            cocompile.compile(nn.Conv1d(2, 2, 3), torch.randn(1, 2, 8), trace=False)
+
+
+def test_a_list_of_forms_gives_each_conv_the_first_that_applies(monkeypatch):
+    monkeypatch.setenv(FORCE_ENV, "partial-mm,mm")
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 2, stride=2))
+    co = cocompile.compile(model.eval(), torch.randn(1, 2, 8), trace=False)
+    assert [f.name for f in conv_forms_of(co).values()] == ["partial-mm", "mm", "window"]
 
 
 # -- einsum with a fixed operand, as one matrix product --------------------------------------------

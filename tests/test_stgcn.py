@@ -110,3 +110,30 @@ def test_agcn_approximate_reports_its_measured_deviation():
         real = float((r.co.forward_steps(r.clip) - r.model(r.clip)).abs().max())
     assert err == pytest.approx(real, rel=1e-3, abs=1e-7)
     assert r.flops.ratio <= 1.1
+
+
+def test_stride1_onnx_step_stays_channels_last(tmp_path, monkeypatch):
+    """Every conv of the stride-1 ST-GCN is a channels-last product (1x1 graph convs, temporal
+    convs with rows state), so its ONNX step takes the eager forms, not the captured ones: Gemm
+    and MatMul, no Einsum, and no Transpose left in a Reshape chain (onnx_reshapes). E4 holds."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from cocompile.export import onnx_portable
+    from cocompile.onnx_reshapes import collapse_reshape_chains
+    from cocompile.ops.conv_forms import FORCE_ENV
+    from test_export import e4
+
+    monkeypatch.setenv(FORCE_ENV, "fold-mm,mm")    # (measured forms may differ from machine to machine)
+    model, clip = stgcn.build("small", "stride1"), stgcn.example_input("small")
+    co = cocompile.compile(model, clip)
+    assert not onnx_portable(co)
+    path = str(co.export(tmp_path / "co.onnx"))
+    assert e4(co, path) <= 1e-5
+    nodes = onnx.load(path).graph.node
+    ops = [n.op_type for n in nodes]
+    assert "Einsum" not in ops and ops.count("Gemm") >= 20 and ops.count("MatMul") == 10
+    # the eager forms alone would leave 64 Transposes (several per block between Reshapes)
+    assert ops.count("Transpose") <= 45
+    graph = gs.import_onnx(onnx.load(path))
+    assert collapse_reshape_chains(graph, onnx.load(path), "batch") == 0

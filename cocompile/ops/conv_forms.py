@@ -83,15 +83,19 @@ class ConvGeometry:
         return self.dilation * (self.kernel - 1) + 1
 
 
-def forced_form() -> str | None:
-    """The form COCOMPILE_CONV_FORM asks for, or None (measure)."""
+def forced_form() -> tuple[str, ...] | None:
+    """The forms COCOMPILE_CONV_FORM asks for (a comma-separated list: each conv takes the first
+    that applies), or None (measure)."""
     value = os.environ.get(FORCE_ENV, "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value not in FORMS:
-        raise CompileError(f"{FORCE_ENV}={value!r} names no convolution step form",
-                           hint=f"set it to one of {', '.join(FORMS)}, or unset it to measure")
-    return value
+    forms = tuple(f.strip() for f in value.split(","))
+    wrong = [f for f in forms if f not in FORMS]
+    if wrong:
+        raise CompileError(f"{FORCE_ENV}={value!r}: {', '.join(map(repr, wrong))} names no convolution "
+                           "step form", hint=f"set it to one of {', '.join(FORMS)} (or a comma-separated "
+                           "list of them), or unset it to measure")
+    return forms
 
 
 def why_not(form: str, g: ConvGeometry) -> str | None:
@@ -121,9 +125,10 @@ def applicable(g: ConvGeometry) -> list[str]:
     return ["window"] + [f for f in FORMS[1:] if why_not(f, g) is None]
 
 
-def fallback(form: str, g: ConvGeometry) -> str:
-    """The form a forced `form` becomes here: itself, its conv flavour, or window."""
-    for f in (form, form.removesuffix("-mm"), "window"):
+def fallback(forms: tuple[str, ...], g: ConvGeometry) -> str:
+    """The form forced `forms` become here: the first that applies, else the first one's conv
+    flavour, else window."""
+    for f in (*forms, forms[0].removesuffix("-mm")):
         if why_not(f, g) is None:
             return f
     return "window"

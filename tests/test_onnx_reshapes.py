@@ -1,0 +1,73 @@
+"""cocompile/onnx_reshapes.py. Oracle: onnxruntime on the graph before the rewrite."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from cocompile.onnx_reshapes import collapse_reshape_chains
+
+
+def _const(name, values):
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+
+def _model():
+    """x (batch, 6, 4): one chain whose transposes cancel (rows read as NCHW and regrouped, as a
+    channels-last product's output is), one whose transpose moves data, and a chain end that is
+    also read by another node."""
+    nodes = [
+        # cancels: (b, 6, 4) -> (b, 2, 3, 4) -> perm (0, 3, 2, 1) -> perm back -> (b, 24)
+        helper.make_node("Reshape", ["x", "s1"], ["a1"], allowzero=1),
+        helper.make_node("Transpose", ["a1"], ["a2"], perm=[0, 3, 2, 1]),
+        helper.make_node("Transpose", ["a2"], ["a3"], perm=[0, 3, 2, 1]),
+        helper.make_node("Reshape", ["a3", "s2"], ["a4"]),
+        helper.make_node("Relu", ["a4"], ["y1"]),
+        # moves data: (b, 6, 4) -> perm (0, 2, 1) -> (b, 24)
+        helper.make_node("Transpose", ["x"], ["b1"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["b1", "s2"], ["b2"]),
+        helper.make_node("Relu", ["b2"], ["y2"]),
+        # an intermediate that is an output too
+        helper.make_node("Reshape", ["x", "s1"], ["c1"]),
+        helper.make_node("Transpose", ["c1"], ["y3"], perm=[0, 1, 3, 2]),
+        helper.make_node("Transpose", ["y3"], ["c3"], perm=[0, 1, 3, 2]),
+        helper.make_node("Reshape", ["c3", "s2"], ["y4"]),
+    ]
+    shapes = {"y1": ["batch", 24], "y2": ["batch", 24], "y3": ["batch", 2, 4, 3], "y4": ["batch", 24]}
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    graph = helper.make_graph(nodes, "chains", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 4])],
+                              outs, initializer=[_const("s1", [-1, 2, 3, 4]), _const("s2", [-1, 24])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def test_chains_that_keep_the_order_become_one_reshape():
+    model = _model()
+    graph = gs.import_onnx(model)
+    assert collapse_reshape_chains(graph, model, "batch") == 2
+    out = gs.export_onnx(graph)
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Transpose") == 2       # the data-moving one, and y3's (an output)
+    for batch in (1, 3, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 6, 4)).astype(np.float32)
+        for a, b in zip(_run(model, x), _run(out, x)):
+            np.testing.assert_array_equal(a, b)
+    again = gs.import_onnx(out)
+    assert collapse_reshape_chains(again, out, "batch") == 0
+
+
+def test_a_fixed_batch_gets_a_fixed_shape():
+    model = _model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    graph = gs.import_onnx(model)
+    assert collapse_reshape_chains(graph, model, 2) == 2
+    x = np.random.default_rng(0).standard_normal((2, 6, 4)).astype(np.float32)
+    for a, b in zip(_run(model, x), _run(gs.export_onnx(graph), x)):
+        np.testing.assert_array_equal(a, b)
