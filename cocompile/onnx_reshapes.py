@@ -23,18 +23,22 @@ def collapse_reshape_chains(graph, model, batch) -> int:
     the batch axis, or the fixed batch size. Returns how many chains became one Reshape."""
     import onnx_graphsurgeon as gs
 
-    batches = (batch,) if isinstance(batch, int) else BATCHES
-    shapes = [_concrete_shapes(model, b) for b in batches]
-    count = 0
-    for node in list(graph.nodes):
+    chains = []
+    for node in graph.nodes:
         if not _is_link(node) or _feeds_a_link(node):
             continue
         chain, src = [node], node.inputs[0]
         while len(src.inputs) == 1 and _is_link(src.inputs[0]):
             chain.insert(0, src.inputs[0])
             src = chain[0].inputs[0]
-        if len(chain) < 2 or not any(n.op == "Transpose" for n in chain):
-            continue
+        if len(chain) > 1 and any(n.op == "Transpose" for n in chain):
+            chains.append((chain, src))
+    if not chains:
+        return 0
+    shapes = [_concrete_shapes(model, b) for b in ((batch,) if isinstance(batch, int) else BATCHES)]
+    count = 0
+    for chain, src in chains:
+        node = chain[-1]
         final = _collapsed_shape(chain, [s.get(src.name) for s in shapes])
         if final is None:
             continue
@@ -87,8 +91,12 @@ def _concrete_shapes(model, batch: int) -> dict:
     import onnx
 
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.CopyFrom(model)                  # (without the weights: inference needs their shapes only)
     del m.graph.value_info[:]
+    weights = [t for t in m.graph.initializer if t.data_type != onnx.TensorProto.INT64]
+    for t in weights:
+        m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        m.graph.initializer.remove(t)
     for value in [*m.graph.input, *m.graph.output]:
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param:

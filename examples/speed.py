@@ -13,8 +13,9 @@ Transformer encoders outside their fused fast path) and their ratio, which bound
 the step must redo work (attention over the window), and the state bytes per stream.
 
 Timing is interleaved: after a few untimed warm-up calls, every round runs the clip once and then
-each step form for a stream of `--stream` steps in a row (as a live stream calls it: one step per
-new chunk, back to back; a step's time is the mean over its stream), and the table shows the median
+each step form for a stream of steps in a row, as a live stream calls it (one step per new chunk,
+back to back; the steps that bring in one clip's frames, at most `--stream`; a step's time is the
+mean over its stream), and the table shows the median
 over rounds, so that the drift of a shared machine hits all columns alike. Steps carry their state
 from round to round over the clip's chunks. `--stream 1` times one step right after each clip
 (the clip has just flushed the caches: the slowest case).
@@ -100,7 +101,7 @@ def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
         first_step_s = time.perf_counter() - t0
     flops = cocompile_flops(model, co, clip)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = step_functions(model, clip, co, chunks, export(co, tmp), stream)
+        fns = step_functions(model, clip, co, chunks, export(co, tmp), min(stream, len(chunks)))
         with torch.no_grad():
             for _ in range(WARMUP - 1):                       # interleaved() warms up once more
                 for fn in fns.values():
@@ -205,7 +206,7 @@ def main(argv=None) -> list[Row]:
                         help="comma-separated examples (default all: " + ",".join(EXAMPLES) + ")")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
     parser.add_argument("--stream", type=int, default=10,
-                        help="steps in a row per round and step form (default 10)")
+                        help="at most this many steps in a row per round and step form (default 10)")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -219,7 +220,7 @@ def main(argv=None) -> list[Row]:
         rows.append(measure(name, args.size, args.rounds, args.stream))
     print(f"cocompile {cocompile.__version__}, torch {torch.__version__}, 1 thread, batch 1, "
           f"median of {args.rounds} interleaved rounds (per round: the clip once, then each step "
-          f"form for {args.stream} steps in a row)")
+          f"form for min({args.stream}, T / step_frames) steps in a row)")
     print(format_table(rows))
     if args.plot and plot(rows, args.plot):
         print(f"plot: {args.plot}")
