@@ -7,10 +7,10 @@ over a whole axis, a reshape to the same shape, an identity permute), and additi
 constant 0 (a residual branch that is `lambda x: 0`).
 
 Invariant left behind: no op reads only constants; no view op keeps its input's shape from offset
-0; no `x + 0` whose x has no other reader. Values, and which values alias which, are unchanged:
-a dropped view is replaced by its input, which has the same shape, strides and offset; `x + 0`
-is replaced by x only where nothing else reads x, so an in-place op after it mutates nothing
-else.
+0; no `x + 0` whose x (and what x is a view of) has no other reader. Values, and which values
+alias which, are unchanged: a dropped view is replaced by its input, which has the same shape,
+strides and offset; `x + 0` is replaced by x only where nothing else reads x's memory, so an
+in-place op after it mutates nothing else.
 """
 from __future__ import annotations
 
@@ -88,7 +88,20 @@ def _returns_input(n: fx.Node, x: fx.Node) -> bool:
     if n.target is aten.permute.default:
         return list(n.args[1]) == list(range(len(n.args[1])))
     if n.target is aten.add.Tensor and len(n.args) == 2 and not n.kwargs:
-        # x + 0 is a new tensor; x may stand for it only where nothing else reads x
-        return (n.args[1] == 0 and same and x.op == "call_function" and len(x.users) == 1
-                and not isinstance(n.args[1], bool))
+        # x + 0 is a new tensor; x may stand for it only where nothing else reads x's memory
+        return n.args[1] == 0 and not isinstance(n.args[1], bool) and same and _read_once(x)
     return False
+
+
+def _read_once(x: fx.Node) -> bool:
+    """x owns memory that nothing but its one reader sees: x, and every value it is a view of,
+    has one user, up to an op that returns a fresh tensor."""
+    while True:
+        if x.op != "call_function" or len(x.users) != 1 or not isinstance(x.target, torch._ops.OpOverload):
+            return False
+        returns = x.target._schema.returns
+        if not returns or returns[0].alias_info is None:
+            return True
+        x = x.args[0]
+        if not isinstance(x, fx.Node):
+            return False

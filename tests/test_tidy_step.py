@@ -24,7 +24,10 @@ class Wasteful(nn.Module):
         h = (h + 0).relu_()                                    # h is read nowhere else: h stands for it
         keep = s + 0                                           # s is an input: kept
         other = h + 0                                          # h is read again below: kept
-        return h.permute(0, 1) + other, keep.relu_(), s
+        w = x @ a
+        view = w.t()                                           # a view of w, which is read again
+        shared = (view + 0).relu_()                            # kept: relu_ would change w
+        return h.permute(0, 1) + other, keep.relu_(), s, shared, w
 
 
 def _traced():
@@ -45,7 +48,7 @@ def test_tidy_keeps_values_and_drops_what_returns_its_input():
     assert removed >= 5 and tidy_step(gm) == 0                 # a second run removes nothing
     assert _count(gm, aten.narrow.default) == 0 and before[aten.narrow.default] == 1
     assert _count(gm, aten.permute.default) == 0             # the constant's and the identity one
-    assert _count(gm, aten.add.Tensor) == before[aten.add.Tensor] - 1   # only h + 0 went
+    assert _count(gm, aten.add.Tensor) == before[aten.add.Tensor] - 1   # only (h + 0) went
     assert not any(n.op == "call_function" and all(a.op == "get_attr" for a in n.all_input_nodes)
                    and n.all_input_nodes for n in gm.graph.nodes)
     for _ in range(3):

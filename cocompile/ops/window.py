@@ -24,8 +24,8 @@ import torch
 from ..errors import Refusal
 from ..timeinfo import META, TimeInfo
 from .clip import ClipWindow
-from .conv_forms import (ROWS_FORMS, ConvGeometry, channels_first_mm, fold, fold_rows, form_of, from_rows, partial, partial_rows,
-                         prepare, rows_shape, time_pointwise, to_rows)
+from .conv_forms import (ROWS_FORMS, ConvGeometry, channels_first_mm, fold, fold_rows, form_of, from_rows, partial,
+                         partial_rows, prepare, rows_shape, time_pointwise, to_rows)
 from .frames import cat_frames, frames_shape, last_frames, stream_axis
 from .registry import OpRule, register_op
 from .schema import bind, call
