@@ -29,7 +29,7 @@ from cocompile.passes.tidy_step import tidy_step
 
 from . import metadata as md
 from .errors import CompileError
-from .onnx_reshapes import collapse_reshape_chains
+from .onnx_reshapes import tidy_reshapes
 from .ops.conv_forms import FORM_META, ROWS_FORMS, form_of
 
 E4_RTOL = 1e-5    # max|Δ| <= E4_RTOL * max(1, max|ref|) for every output and state
@@ -130,7 +130,7 @@ def onnx_portable(co) -> bool:
     copies there; but where every conv with a step form runs as a channels-last product and
     some keep their state as rows (ST-GCN: 1x1 graph convs and temporal convs), the eager forms
     keep the whole step channels-last, and the transposes between them cancel (the reshape
-    chains they sit in collapse, see onnx_reshapes)."""
+    chains they sit in collapse, see onnx_reshapes.tidy_reshapes)."""
     forms = [form_of(n).name for n in co.program.gm.graph.nodes if FORM_META in n.meta]
     return not (any(f in ROWS_FORMS for f in forms) and all(f in ROWS_FORMS + ("mm",) for f in forms))
 
@@ -148,7 +148,7 @@ def finish_onnx(model, co):
     _name_all(graph.outputs, md.all_output_names(co), batch)
     _widen_window_attrs(graph)
     graph.cleanup().toposort()
-    collapse_reshape_chains(graph, gs.export_onnx(graph), batch)
+    tidy_reshapes(graph, gs.export_onnx(graph), batch)
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = "cocompile", md.cocompile_version()
     docs = {s.name: s.doc for s in co.specs} | {md.next_state_name(s.name): s.doc for s in co.specs}

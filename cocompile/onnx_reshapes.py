@@ -1,5 +1,12 @@
-"""ONNX rewrite: a chain of Reshape and Transpose nodes that leaves row-major data in its order
-becomes one Reshape.
+"""ONNX rewrites of the reshapes the exporter writes for views that cost nothing in eager.
+
+1. A chain of Reshape and Transpose nodes that leaves row-major data in its order becomes one
+   Reshape (collapse_reshape_chains).
+2. A Reshape that splits axis 0 after a Slice along another axis goes before the Slice
+   (reshape_before_slice): a state whose persons the model folds into the batch is sliced (the
+   window drops its oldest frame) and then unfolded into the state's own shape; onnxruntime
+   copies a Reshape into a graph output, so the state was copied once more. Reshaped first, the
+   Reshape reads an intermediate (no copy) and the Slice writes the output.
 
 The eager step changes layouts with views, which cost nothing (a channels-last matrix product's
 output read as NCHW, then regrouped for the next product). The ONNX exporter writes every permute
@@ -18,9 +25,31 @@ import numpy as np
 BATCHES = (2, 3)
 
 
-def collapse_reshape_chains(graph, model, batch) -> int:
-    """Rewrite `graph` (onnx_graphsurgeon, the graph of `model`) in place; `batch` is the name of
-    the batch axis, or the fixed batch size. Returns how many chains became one Reshape."""
+def tidy_reshapes(graph, model, batch) -> int:
+    """Both rewrites on `graph` (onnx_graphsurgeon, the graph of `model`), in place; `batch` is the
+    name of the batch axis, or the fixed batch size. Returns how many places changed."""
+    shapes = _Shapes(model, batch)
+    count = collapse_reshape_chains(graph, shapes) + reshape_before_slice(graph, shapes)
+    if count:
+        graph.cleanup().toposort()
+    return count
+
+
+class _Shapes:
+    """Concrete shapes of the graph's values at each batch size of BATCHES (or the fixed one),
+    inferred on first use."""
+
+    def __init__(self, model, batch):
+        self.model, self.batches, self._by_batch = model, (batch,) if isinstance(batch, int) else BATCHES, None
+
+    def of(self, name: str) -> list:
+        if self._by_batch is None:
+            self._by_batch = [_concrete_shapes(self.model, b) for b in self.batches]
+        return [s.get(name) for s in self._by_batch]
+
+
+def collapse_reshape_chains(graph, shapes: _Shapes) -> int:
+    """Returns how many chains became one Reshape."""
     import onnx_graphsurgeon as gs
 
     chains = []
@@ -33,13 +62,10 @@ def collapse_reshape_chains(graph, model, batch) -> int:
             src = chain[0].inputs[0]
         if len(chain) > 1 and any(n.op == "Transpose" for n in chain):
             chains.append((chain, src))
-    if not chains:
-        return 0
-    shapes = [_concrete_shapes(model, b) for b in ((batch,) if isinstance(batch, int) else BATCHES)]
     count = 0
     for chain, src in chains:
         node = chain[-1]
-        final = _collapsed_shape(chain, [s.get(src.name) for s in shapes])
+        final = _collapsed_shape(chain, shapes.of(src.name))
         if final is None:
             continue
         out = node.outputs[0]
@@ -48,9 +74,58 @@ def collapse_reshape_chains(graph, model, batch) -> int:
         graph.nodes.append(gs.Node("Reshape", inputs=[src, shape], outputs=[out],
                                    name=f"{out.name}_collapsed"))
         count += 1
-    if count:
-        graph.cleanup().toposort()
     return count
+
+
+def reshape_before_slice(graph, shapes: _Shapes) -> int:
+    """Returns how many Reshape-after-Slice pairs were swapped."""
+    import onnx_graphsurgeon as gs
+
+    count = 0
+    for node in list(graph.nodes):
+        sl = node.inputs[0].inputs[0] if node.op == "Reshape" and node.inputs[0].inputs else None
+        if sl is None or sl.op != "Slice" or len(sl.outputs[0].outputs) != 1 or not _is_link(node):
+            continue
+        consts = [t.values if isinstance(t, gs.Constant) else None for t in sl.inputs[1:]]
+        if any(c is None for c in consts) or len(consts) < 3:
+            continue
+        src, out = sl.inputs[0], node.outputs[0]
+        src_shapes = shapes.of(src.name)
+        if not src_shapes[0]:
+            continue
+        axes = [int(a) % len(src_shapes[0]) for a in consts[2]]
+        target = [int(d) for d in node.inputs[1].values]
+        before = _split_first_axis(target, src_shapes, shapes.of(sl.outputs[0].name), axes)
+        if before is None:
+            continue
+        shape = gs.Constant(f"{out.name}_unsliced_shape", np.array(before, dtype=np.int64))
+        folded = gs.Variable(f"{out.name}_unsliced", dtype=src.dtype)
+        moved = [gs.Constant(f"{out.name}_slice_axes", np.array([a + 1 for a in axes], dtype=np.int64))]
+        node.outputs, sl.outputs = [], []
+        graph.nodes.append(gs.Node("Reshape", inputs=[src, shape], outputs=[folded],
+                                   name=f"{out.name}_unsliced"))
+        graph.nodes.append(gs.Node("Slice", inputs=[folded, *sl.inputs[1:3], *moved, *sl.inputs[4:]],
+                                   outputs=[out], name=f"{out.name}_slice"))
+        count += 1
+    return count
+
+
+def _split_first_axis(target, src_shapes, sliced_shapes, axes):
+    """The shape that splits axis 0 of the Slice's input as `target` splits the Slice's output, or
+    None where `target` does anything else (or a slice axis is 0, or shapes are unknown)."""
+    if not target or min(axes) < 1:
+        return None
+    for src, sliced in zip(src_shapes, sliced_shapes):
+        if src is None or sliced is None or None in src or None in sliced:
+            return None
+        if len(target) != len(sliced) + 1 or any(t > 0 and t != d for t, d in zip(target[2:], sliced[1:])):
+            return None
+        if target[1] <= 0 or sliced[0] % target[1] or (target[0] > 0 and target[0] * target[1] != sliced[0]):
+            return None
+    src = src_shapes[0]
+    if any(len(s) != len(src) or s[1:] != src[1:] for s in src_shapes):   # axes past 0 must be fixed
+        return None
+    return [target[0], target[1], *src[1:]]
 
 
 def _is_link(node) -> bool:

@@ -1,4 +1,4 @@
-"""cocompile/onnx_reshapes.py. Oracle: onnxruntime on the graph before the rewrite."""
+"""cocompile/onnx_reshapes.py. Oracle: onnxruntime on the graph before the rewrites."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from cocompile.onnx_reshapes import collapse_reshape_chains
+from cocompile.onnx_reshapes import tidy_reshapes
 
 
 def _const(name, values):
@@ -50,7 +50,7 @@ def _run(model, x):
 def test_chains_that_keep_the_order_become_one_reshape():
     model = _model()
     graph = gs.import_onnx(model)
-    assert collapse_reshape_chains(graph, model, "batch") == 2
+    assert tidy_reshapes(graph, model, "batch") == 2
     out = gs.export_onnx(graph)
     onnx.checker.check_model(out, full_check=True)
     ops = [n.op_type for n in out.graph.node]
@@ -60,14 +60,50 @@ def test_chains_that_keep_the_order_become_one_reshape():
         for a, b in zip(_run(model, x), _run(out, x)):
             np.testing.assert_array_equal(a, b)
     again = gs.import_onnx(out)
-    assert collapse_reshape_chains(again, out, "batch") == 0
+    assert tidy_reshapes(again, out, "batch") == 0
 
 
 def test_a_fixed_batch_gets_a_fixed_shape():
     model = _model()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     graph = gs.import_onnx(model)
-    assert collapse_reshape_chains(graph, model, 2) == 2
+    assert tidy_reshapes(graph, model, 2) == 2
     x = np.random.default_rng(0).standard_normal((2, 6, 4)).astype(np.float32)
     for a, b in zip(_run(model, x), _run(gs.export_onnx(graph), x)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_state_is_sliced_straight_into_its_output():
+    """cat(state, new frame) along time, the oldest frame dropped (Slice), the persons folded into
+    the batch unfolded again (Reshape into the output): the Reshape moves before the Slice."""
+    nodes = [
+        helper.make_node("Reshape", ["state", "fold"], ["s1"]),          # (b, 2, 3, 4) -> (2b, 3, 4)
+        helper.make_node("Reshape", ["x", "fold_x"], ["x1"]),            # (b, 2, 1, 4) -> (2b, 1, 4)
+        helper.make_node("Concat", ["s1", "x1"], ["buf"], axis=1),       # (2b, 4, 4)
+        helper.make_node("ReduceSum", ["buf", "one"], ["y"], keepdims=0),
+        helper.make_node("Slice", ["buf", "starts", "ends", "axes"], ["kept"]),
+        helper.make_node("Reshape", ["kept", "unfold"], ["next_state"]),  # (2b, 3, 4) -> (b, 2, 3, 4)
+    ]
+    graph = helper.make_graph(
+        nodes, "state", [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
+                         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
+         helper.make_tensor_value_info("next_state", TensorProto.FLOAT, ["batch", 2, 3, 4])],
+        initializer=[_const("fold", [-1, 3, 4]), _const("fold_x", [-1, 1, 4]), _const("unfold", [-1, 2, 3, 4]),
+                     _const("one", [1]),
+                     _const("starts", [1]), _const("ends", [4]), _const("axes", [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = gs.import_onnx(model)
+    assert tidy_reshapes(g, model, "batch") == 1
+    out = gs.export_onnx(g)
+    onnx.checker.check_model(out, full_check=True)
+    producer = {o: n.op_type for n in out.graph.node for o in n.output}
+    assert producer["next_state"] == "Slice"
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        feeds = {"state": rng.standard_normal((batch, 2, 3, 4)).astype(np.float32),
+                 "x": rng.standard_normal((batch, 2, 1, 4)).astype(np.float32)}
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
