@@ -156,7 +156,9 @@ class WindowRule(OpRule):
             dims, op = pre
             w = ClipWindow.frames(ctx, node, node.args[0], args[0],
                                   pre=lambda t: op(t, list(dims), True))
-            return op(w, [x_info.dim], True)
+            # over every pooled axis, as the clip does (the others have size 1 by now), which
+            # also keeps the reduced axes trailing where onnxruntime reduces fastest
+            return op(w, sorted([x_info.dim, *dims]), True)
         d, p, x = x_info.dim, plan(win, x_info.warmup), args[0]
         if win.left > 0 and x_info.warmup > 0:
             # the input's warm-up frames (streamed before its offline frame 0) may come to stand
