@@ -125,7 +125,7 @@ def write_onnx(co, path: str) -> None:
 
 
 def onnx_portable(co) -> bool:
-    """Whether the ONNX step takes the captured forms of stateless ops (StepInterpreter.portable).
+    """Whether the ONNX step keeps stateless ops in the captured layout (StepInterpreter.portable).
     onnxruntime copies on every transpose, so channels-last products between NCHW convs cost
     copies there; but where every conv with a step form runs as a channels-last product and
     some keep their state as rows (ST-GCN: 1x1 graph convs and temporal convs), the eager forms
@@ -148,7 +148,7 @@ def finish_onnx(model, co):
     _name_all(graph.outputs, md.all_output_names(co), batch)
     _widen_window_attrs(graph)
     graph.cleanup().toposort()
-    tidy_reshapes(graph, gs.export_onnx(graph), batch)
+    tidy_reshapes(graph, batch)
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = "cocompile", md.cocompile_version()
     docs = {s.name: s.doc for s in co.specs} | {md.next_state_name(s.name): s.doc for s in co.specs}

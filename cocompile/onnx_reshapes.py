@@ -25,10 +25,10 @@ import numpy as np
 BATCHES = (2, 3)
 
 
-def tidy_reshapes(graph, model, batch) -> int:
-    """Both rewrites on `graph` (onnx_graphsurgeon, the graph of `model`), in place; `batch` is the
-    name of the batch axis, or the fixed batch size. Returns how many places changed."""
-    shapes = _Shapes(model, batch)
+def tidy_reshapes(graph, batch) -> int:
+    """Both rewrites on `graph` (onnx_graphsurgeon), in place; `batch` is the name of the batch
+    axis, or the fixed batch size. Returns how many places changed."""
+    shapes = _Shapes(graph, batch)
     count = collapse_reshape_chains(graph, shapes) + reshape_before_slice(graph, shapes)
     if count:
         graph.cleanup().toposort()
@@ -37,14 +37,17 @@ def tidy_reshapes(graph, model, batch) -> int:
 
 class _Shapes:
     """Concrete shapes of the graph's values at each batch size of BATCHES (or the fixed one),
-    inferred on first use."""
+    inferred on first use (before either rewrite changes the graph; both keep value names)."""
 
-    def __init__(self, model, batch):
-        self.model, self.batches, self._by_batch = model, (batch,) if isinstance(batch, int) else BATCHES, None
+    def __init__(self, graph, batch):
+        self.graph, self.batches, self._by_batch = graph, (batch,) if isinstance(batch, int) else BATCHES, None
 
     def of(self, name: str) -> list:
         if self._by_batch is None:
-            self._by_batch = [_concrete_shapes(self.model, b) for b in self.batches]
+            import onnx_graphsurgeon as gs
+
+            model = gs.export_onnx(self.graph)
+            self._by_batch = [_concrete_shapes(model, b) for b in self.batches]
         return [s.get(name) for s in self._by_batch]
 
 

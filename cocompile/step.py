@@ -30,7 +30,8 @@ class StepInterpreter(fx.Interpreter):
     clip_length, portable, info(node), state(node, key), set_state(node, key, value), and memo, a
     dict where rules keep values built once per step (e.g. frame positions for masks).
     portable: the step is being written for a runtime that runs every permute as a copy (ONNX),
-    so stateless ops take their captured form rather than a channels-last matrix product."""
+    so stateless ops keep the captured layout (1x1 convs as W @ x on NCHW, einsums over the
+    chunk's axes as they are) rather than a channels-last matrix product."""
 
     def __init__(self, gm, mode: str, states: dict, frames: torch.Tensor, clip_length: int,
                  portable: bool = False):

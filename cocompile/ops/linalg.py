@@ -198,8 +198,7 @@ def einsum_by_matmul(lx: str, lw: str, lo: str, x: torch.Tensor, w: torch.Tensor
     free...], x is viewed, without a copy, as (L, S, R), and the product is w as (Fw, S) times
     it: (L, Fw, R), already in the memory order the output keeps (for the rows of a channels-last
     chunk, (N, V*K, C) against the adjacency: rows again). Otherwise x is copied once to (L, S)."""
-    if (len(set(lx)) < len(lx) or len(set(lw)) < len(lw) or set(lx) & set(lw) & set(lo)
-            or set(lx) - set(lw) - set(lo) or set(lw) - set(lx) - set(lo)):
+    if not _plain_contraction(lx, lw, lo):
         return None
     summed = [c for c in lx if c in lw and c not in lo]
     size = dict(zip(lx, x.shape)) | dict(zip(lw, w.shape))
@@ -231,8 +230,7 @@ def einsum_by_batched_matmul(lx: str, lw: str, lo: str, x: torch.Tensor, w: torc
     the rest. w becomes [*(size of each batch letter it shares, else 1), s, Fw], so one
     broadcasting matmul gives [*batch, M, Fw]; the summed batch letters are then reduced. For
     ST-GCN's 'nkctv,kvw->nctw' on NCHW: (n, k, c*t, v) @ (k, v, w), summed over k: already nctw."""
-    if (len(set(lx)) < len(lx) or len(set(lw)) < len(lw) or set(lx) & set(lw) & set(lo)
-            or set(lx) - set(lw) - set(lo) or set(lw) - set(lx) - set(lo)):
+    if not _plain_contraction(lx, lw, lo):
         return None
     summed = [c for c in lx if c in lw and c not in lo]
     if not summed or lx[-1] not in summed:
@@ -252,6 +250,13 @@ def einsum_by_batched_matmul(lx: str, lw: str, lo: str, x: torch.Tensor, w: torc
     kept = [c for c in batch if c not in summed] + list(rows) + wf
     y = y.reshape([size[c] for c in kept])
     return y.permute([kept.index(c) for c in lo])
+
+
+def _plain_contraction(lx: str, lw: str, lo: str) -> bool:
+    """No repeated letter, no letter in both operands and the output (batch), none summed inside
+    one operand."""
+    return not (len(set(lx)) < len(lx) or len(set(lw)) < len(lw) or set(lx) & set(lw) & set(lo)
+                or set(lx) - set(lw) - set(lo) or set(lw) - set(lx) - set(lo))
 
 
 def _prod(letters, size) -> int:

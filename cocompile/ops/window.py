@@ -380,9 +380,10 @@ class Convolution(WindowRule):
         g, form = self.geometry(node, d), form_of(node).name
         if form == "mm":
             a = self.conv_args(node, args, {})
+            w = self._weight(node, a, ctx, g)
             if ctx.portable:
-                return channels_first_mm(buf, self._weight(node, a, ctx, g), a["bias"])
-            return time_pointwise(buf, self._weight(node, a, ctx, g), a["bias"], a, d)
+                return channels_first_mm(buf, w, a["bias"])
+            return time_pointwise(buf, w, a["bias"], a, d)
         if form != "fold" or buf.shape[d] - g.extent >= g.stride:
             return self.run(node, args, buf, d)
         # one output frame: its taps folded into the channels of a conv with one axis less
