@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from cocompile.passes.assign_states import assign_states
-from cocompile.passes.choose_forms import choose_forms
+from cocompile.passes.choose_forms import choose_forms, rows_delays
 from cocompile.passes.demand import analyse_demand
 from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.fold_constants import fold_constants
@@ -84,7 +84,8 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     c = _step_frames(cap.gm, step_frames, T)
     cap.gm.meta["cocompile.step_frames"] = c
     # step forms: per temporal conv the fastest of window / taps folded / partial sums (measured)
-    choose_forms(cap.gm, cap.consts, c)
+    # (in a step of channels-last products, the delays keep their frames channels-last too)
+    rows_delays(cap.gm, choose_forms(cap.gm, cap.consts, c))
     # state: one named buffer per temporal window, delay and clip window, plus the frame counter
     specs = assign_states(cap.gm, an)
     # step program: the graph run per chunk by the step rules; traced per batch size on first use

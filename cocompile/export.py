@@ -30,7 +30,8 @@ from cocompile.passes.tidy_step import tidy_step
 from . import metadata as md
 from .errors import CompileError
 from .onnx_reshapes import tidy_reshapes
-from .ops.conv_forms import FORM_META, ROWS_FORMS, form_of
+from .onnx_transposes import sink_transposes
+from .ops.conv_forms import FORM_META, form_of, rows_step
 
 E4_RTOL = 1e-5    # max|Δ| <= E4_RTOL * max(1, max|ref|) for every output and state
 
@@ -131,8 +132,7 @@ def onnx_portable(co) -> bool:
     some keep their state as rows (ST-GCN: 1x1 graph convs and temporal convs), the eager forms
     keep the whole step channels-last, and the transposes between them cancel (the reshape
     chains they sit in collapse, see onnx_reshapes.tidy_reshapes)."""
-    forms = [form_of(n).name for n in co.program.gm.graph.nodes if FORM_META in n.meta]
-    return not (any(f in ROWS_FORMS for f in forms) and all(f in ROWS_FORMS + ("mm",) for f in forms))
+    return not rows_step(form_of(n).name for n in co.program.gm.graph.nodes if FORM_META in n.meta)
 
 
 def finish_onnx(model, co):
@@ -148,6 +148,7 @@ def finish_onnx(model, co):
     _name_all(graph.outputs, md.all_output_names(co), batch)
     _widen_window_attrs(graph)
     graph.cleanup().toposort()
+    graph = sink_transposes(graph)
     tidy_reshapes(graph, batch)
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = "cocompile", md.cocompile_version()

@@ -1,7 +1,7 @@
 """ONNX rewrites of the reshapes the exporter writes for views that cost nothing in eager.
 
-1. A chain of Reshape and Transpose nodes that leaves row-major data in its order becomes one
-   Reshape (collapse_reshape_chains).
+1. A chain of Reshape and Transpose nodes (or a lone Transpose) that leaves row-major data in its
+   order becomes one Reshape (collapse_reshape_chains).
 2. A Reshape that splits axis 0 after a Slice along another axis goes before the Slice
    (reshape_before_slice): a state whose persons the model folds into the batch is sliced (the
    window drops its oldest frame) and then unfolded into the state's own shape; onnxruntime
@@ -63,7 +63,7 @@ def collapse_reshape_chains(graph, shapes: _Shapes) -> int:
         while len(src.inputs) == 1 and _is_link(src.inputs[0]):
             chain.insert(0, src.inputs[0])
             src = chain[0].inputs[0]
-        if len(chain) > 1 and any(n.op == "Transpose" for n in chain):
+        if any(n.op == "Transpose" for n in chain):       # (a lone Transpose may move size-1 axes only)
             chains.append((chain, src))
     count = 0
     for chain, src in chains:

@@ -22,8 +22,9 @@ import time
 import torch
 from torch import fx
 
-from cocompile.ops.conv_forms import (FORM_META, ConvForm, applicable, fallback, fold, fold_rows, forced_form,
-                                      from_rows, partial, partial_rows, prepare, time_pointwise, to_rows)
+from cocompile.ops.conv_forms import (FORM_META, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows, forced_form,
+                                      from_rows, partial, partial_rows, prepare, rows_step, time_pointwise, to_rows)
+from cocompile.ops.delay import delay_frames
 from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
 from cocompile.ops.window import Convolution, plan
@@ -52,6 +53,26 @@ def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
             name = min(ms, key=ms.get)
         chosen[node.name] = node.meta[FORM_META] = ConvForm(name, _store(gm, consts, site, name), how, ms)
     return chosen
+
+
+def rows_delays(gm: fx.GraphModule, chosen: dict) -> int:
+    """In a channels-last step (conv_forms.rows_step) every delay of an (N, C, ..., T, ...) value
+    keeps its frames as rows, (N, ..., T, C), like the convs' states: the frames it delays come
+    from channels-last products and go to them, so the FIFO's update reads and writes them in
+    their memory order, and an ONNX step has no transpose around it. Marks node.meta
+    ["cocompile.rows"]; returns how many delays it marked. Runs before assign_states (the mark
+    decides the state's shape)."""
+    if not rows_step(f.name for f in chosen.values()):
+        return 0
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not delay_frames:
+            continue
+        x = node.args[0].meta.get(META)
+        if isinstance(x, TimeInfo) and x.is_time and not x.merged and x.dim >= 2 and node.meta["val"].dim() >= 3:
+            node.meta[ROWS_META] = True
+            count += 1
+    return count
 
 
 class _Site:

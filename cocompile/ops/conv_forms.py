@@ -44,6 +44,7 @@ FORM_META = "cocompile.conv_form"        # node.meta key of a convolution's Conv
 FORMS = ("window", "fold", "fold-mm", "partial", "partial-mm", "mm")
 ROWS_FORMS = ("fold-mm", "partial-mm")   # state kept as rows (see the module docstring)
 FORCE_ENV = "COCOMPILE_CONV_FORM"        # one of FORMS: use that form wherever it applies
+ROWS_META = "cocompile.rows"             # node.meta key: True where a delay keeps its frames as rows
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,15 @@ def forced_form() -> tuple[str, ...] | None:
                            "step form", hint=f"set it to one of {', '.join(FORMS)} (or a comma-separated "
                            "list of them), or unset it to measure")
     return forms
+
+
+def rows_step(forms) -> bool:
+    """Whether a step whose convolutions run `forms` is channels-last throughout: every conv a
+    channels-last product, some keeping their state as rows (ST-GCN: 1x1 graph convs and temporal
+    convs). Such a step keeps its delays' frames as rows too, and its ONNX form stays channels-last
+    (cocompile.export.onnx_portable)."""
+    forms = list(forms)
+    return any(f in ROWS_FORMS for f in forms) and all(f in ROWS_FORMS + ("mm",) for f in forms)
 
 
 def why_not(form: str, g: ConvGeometry) -> str | None:

@@ -3,12 +3,15 @@
 `delay_frames(x, frames)` is the identity on the offline clip, so a graph with delays inserted still
 computes the model; its streaming form outputs each frame `frames` steps-worth of frames later. Its
 zero state is the start of the stream, so a delay also materialises pending zero padding.
+In a channels-last step (node.meta["cocompile.rows"], see passes/choose_forms.rows_delays) the FIFO
+holds its frames as rows, (N, *other axes, frames, C).
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import Refusal
+from .conv_forms import ROWS_META, from_rows, rows_shape, to_rows
 from .frames import cat_frames, frames_shape, merge_time, split_time
 from .registry import OpRule, register_op
 
@@ -31,15 +34,24 @@ class Delay(OpRule):
         if not isinstance(x.outer, int):
             raise Refusal("frames must be delayed where time is merged with the batch axis",
                           "keep the batch axis separate from time around joins of branches")
-        return {"fifo": (frames_shape(node.args[0], x, node.args[1]), node.args[0].meta["val"].dtype,
-                         f"{node.args[1]} frames delayed to line up a join")}
+        shape, doc = frames_shape(node.args[0], x, node.args[1]), f"{node.args[1]} frames delayed to line up a join"
+        if node.meta.get(ROWS_META):
+            shape, doc = rows_shape(shape, x.dim), doc + ", as rows (N, ..., frames, C)"
+        return {"fifo": (shape, node.args[0].meta["val"].dtype, doc)}
 
     def step(self, node, args, kwargs, ctx):
         info, frames = ctx.info(node.args[0]), node.args[1]
+        flush = ctx.info(node).flush_frames(ctx.clip_length) if ctx.mode == "flush" else None
+        if node.meta.get(ROWS_META):                 # (never merged with other axes)
+            n = args[0].shape[info.dim] if flush is None else flush
+            buf = cat_frames(ctx.state(node, "fifo"), to_rows(args[0], info.dim), -2)
+            if ctx.mode == "step":
+                ctx.set_state(node, "fifo", buf.narrow(-2, n, frames))
+            return from_rows(buf.narrow(-2, 0, n), info.dim)
         xu, t = split_time(args[0], info, ctx.batch)
         fu, _ = split_time(ctx.state(node, "fifo"), info, ctx.batch)
         buf = cat_frames(fu, xu, t)
-        n = xu.shape[t] if ctx.mode == "step" else ctx.info(node).flush_frames(ctx.clip_length)
+        n = xu.shape[t] if flush is None else flush
         if ctx.mode == "step":
             ctx.set_state(node, "fifo", merge_time(buf.narrow(t, n, frames), info))
         return merge_time(buf.narrow(t, 0, n), info)
