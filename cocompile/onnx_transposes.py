@@ -94,8 +94,8 @@ def _inputs_below(op, t, perm):
             new.append(value)
         elif isinstance(value, gs.Constant):
             c = np.asarray(value.values)
-            if c.ndim > rank:
-                return None
+            if c.ndim > rank or any(n != 1 and n != d for n, d in zip(c.shape[::-1], y.shape[::-1])):
+                return None                     # (it would broadcast y to a larger value)
             laid = c.reshape((1,) * (rank - c.ndim) + c.shape).transpose(inverse)
             new.append(value if c.ndim == 0 else gs.Constant(f"{out.name}_in{i}_relaid", np.ascontiguousarray(laid)))
         elif _is_transpose(value, perm):
@@ -111,7 +111,11 @@ def _inputs_below(op, t, perm):
 
 
 def _same(a, b) -> bool:
-    return a == b and (isinstance(a, int) or a not in (None, ""))
+    """Two axis sizes of the op's input and output: equal, or both symbolic (the batch, named
+    differently inside the graph and at its outputs)."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a not in (None, "") and b not in (None, "")
 
 
 def _is_transpose(value, perm) -> bool:

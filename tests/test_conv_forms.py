@@ -255,6 +255,53 @@ def test_a_list_of_forms_gives_each_conv_the_first_that_applies(monkeypatch):
     assert [f.name for f in conv_forms_of(co).values()] == ["partial-mm", "mm", "window"]
 
 
+class RowsBlocks(nn.Module):
+    """Two residual blocks of 1x1 convs and centred temporal convs (kernel 5, then 3 dilated 2),
+    time on axis t: with -mm forms every conv is a channels-last product, and each residual is
+    delayed (the temporal conv lags by its padding)."""
+
+    def __init__(self, t: int):
+        super().__init__()
+
+        def temporal(k, dil):
+            kernel, pad, d = [1, 1], [0, 0], [1, 1]
+            kernel[t - 2], pad[t - 2], d[t - 2] = k, dil * (k - 1) // 2, dil
+            return nn.Conv2d(4, 4, kernel, padding=pad, dilation=d)
+
+        self.a, self.b = nn.Conv2d(3, 4, 1), temporal(5, 1)
+        self.c, self.d = nn.Conv2d(4, 4, 1), temporal(3, 2)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(self.bn(self.b(h)) + h)
+        return self.d(torch.relu(self.c(h))) + h
+
+
+@pytest.mark.parametrize("forms", ["fold-mm,mm", "partial-mm,mm"])
+@pytest.mark.parametrize("t", [2, 3])
+def test_delays_of_a_channels_last_step_keep_rows(monkeypatch, tmp_path, forms, t):
+    """A step of channels-last products keeps its delays' frames as rows (N, other, frames, C):
+    E1/E2 against the model, E4 in onnxruntime, where the Transposes between products cancel
+    (the input's and the output's are left)."""
+    monkeypatch.setenv(FORCE_ENV, forms)
+    torch.manual_seed(0)
+    model = RowsBlocks(t)
+    model.bn.running_mean.normal_()
+    model.eval()
+    shape = [2, 3, 5, 5]
+    shape[t] = 12
+    clip = torch.randn(shape)
+    co = cocompile.compile(model, clip[:1], time_dim=t)
+    report = cocompile.verify(model, co, clip)
+    assert report.passed, str(report)
+    delays = [s for s in co.specs if s.name.endswith(".delay")]
+    assert [s.shape for s in delays] == [(5, 2, 4)] * 2
+    path = str(co.export(tmp_path / "co.onnx"))
+    assert e4(co, path) <= 1e-5
+    assert [n.op_type for n in onnx.load(path).graph.node].count("Transpose") <= 2
+
+
 # -- einsum with a fixed operand, as one matrix product --------------------------------------------
 @pytest.mark.parametrize("lx,lw,lo,sx,sw", [
     ("nkctv", "kvw", "nctw", (2, 3, 8, 1, 25), (3, 25, 25)),     # ST-GCN's graph conv, one frame
