@@ -6,7 +6,8 @@
    (reshape_before_slice): a state whose persons the model folds into the batch is sliced (the
    window drops its oldest frame) and then unfolded into the state's own shape; onnxruntime
    copies a Reshape into a graph output, so the state was copied once more. Reshaped first, the
-   Reshape reads an intermediate (no copy) and the Slice writes the output.
+   Reshape reads an intermediate (no copy) and the Slice writes the output; other readers of the
+   sliced value (the mean over a clip window) read the output folded back by a Reshape.
 
 The eager step changes layouts with views, which cost nothing (a channels-last matrix product's
 output read as NCHW, then regrouped for the next product). The ONNX exporter writes every permute
@@ -87,8 +88,11 @@ def reshape_before_slice(graph, shapes: _Shapes) -> int:
     count = 0
     for node in list(graph.nodes):
         sl = node.inputs[0].inputs[0] if node.op == "Reshape" and node.inputs[0].inputs else None
-        if sl is None or sl.op != "Slice" or len(sl.outputs[0].outputs) != 1 or not _is_link(node):
+        if sl is None or sl.op != "Slice" or not _is_link(node):
             continue
+        others = [n for n in sl.outputs[0].outputs if n is not node]
+        if others and node.outputs[0] not in graph.outputs:
+            continue                # (the Slice's value is needed anyway: nothing to gain)
         consts = [t.values if isinstance(t, gs.Constant) else None for t in sl.inputs[1:]]
         if any(c is None for c in consts) or len(consts) < 3:
             continue
@@ -104,11 +108,17 @@ def reshape_before_slice(graph, shapes: _Shapes) -> int:
         shape = gs.Constant(f"{out.name}_unsliced_shape", np.array(before, dtype=np.int64))
         folded = gs.Variable(f"{out.name}_unsliced", dtype=src.dtype)
         moved = [gs.Constant(f"{out.name}_slice_axes", np.array([a + 1 for a in axes], dtype=np.int64))]
+        sliced = sl.outputs[0]
         node.outputs, sl.outputs = [], []
         graph.nodes.append(gs.Node("Reshape", inputs=[src, shape], outputs=[folded],
                                    name=f"{out.name}_unsliced"))
         graph.nodes.append(gs.Node("Slice", inputs=[folded, *sl.inputs[1:3], *moved, *sl.inputs[4:]],
                                    outputs=[out], name=f"{out.name}_slice"))
+        if others:                  # they read the output folded back (a Reshape of it: no copy)
+            fold = np.array([-1, *shapes.of(sliced.name)[0][1:]], dtype=np.int64)
+            merged = gs.Constant(f"{out.name}_folded_shape", fold)
+            graph.nodes.append(gs.Node("Reshape", inputs=[out, merged], outputs=[sliced],
+                                       name=f"{out.name}_folded"))
         count += 1
     return count
 

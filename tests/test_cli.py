@@ -45,11 +45,12 @@ def one_line_error(err: str) -> bool:
 
 
 # -- success ---------------------------------------------------------------------------------------
-def test_pt2_to_onnx_in_a_real_process(files, tmp_path):
+def test_pt2_to_onnx_in_a_real_process(files, tmp_path, installed_package):
     """`cocompile model.pt2 --out co_model.onnx`: exit 0, a summary, a runnable artifact."""
     out = tmp_path / "co_model.onnx"
-    proc = subprocess.run(["cocompile", str(files / "model.pt2"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    with installed_package():
+        proc = subprocess.run(["cocompile", str(files / "model.pt2"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for word in ("delay", "receptive field", "state", "FLOPs", "per step", "per clip", "exact", "E1", "E4"):
         assert word in proc.stdout, word
@@ -186,10 +187,11 @@ def test_usage_errors(capsys):
     assert run(["--help"], capsys)[0] == 0
 
 
-def test_bad_file_in_a_real_process(files, tmp_path):
+def test_bad_file_in_a_real_process(files, tmp_path, installed_package):
     bad = _bad_files(files, tmp_path)["truncated"]
-    proc = subprocess.run(["cocompile", str(bad), "--out", str(tmp_path / "c.onnx")],
-                          capture_output=True, text=True, timeout=300)
+    with installed_package():
+        proc = subprocess.run(["cocompile", str(bad), "--out", str(tmp_path / "c.onnx")],
+                              capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and one_line_error(proc.stderr), proc.stderr
 
 

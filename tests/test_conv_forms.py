@@ -255,6 +255,19 @@ def test_a_list_of_forms_gives_each_conv_the_first_that_applies(monkeypatch):
     assert [f.name for f in conv_forms_of(co).values()] == ["partial-mm", "mm", "window"]
 
 
+def test_a_conv_whose_step_is_its_window(form):
+    """Kernel = stride, no padding: a step reads exactly its new frames and keeps no state (the
+    rows forms once asked for a state the conv does not have)."""
+    torch.manual_seed(0)
+    models = ((nn.Sequential(nn.Conv1d(2, 3, 2, stride=2), nn.ReLU(), nn.Conv1d(3, 2, 1)), torch.randn(2, 2, 8)),
+              (nn.Conv2d(2, 3, (2, 1), stride=(2, 1)), torch.randn(2, 2, 8, 3)))
+    for model, clip in models:
+        co = cocompile.compile(model.eval(), clip[:1], time_dim=2)
+        report = cocompile.verify(model, co, clip)
+        assert report.passed, f"{form}\n{report}"
+        assert len(co.specs) == 1                   # the frame counter alone
+
+
 class RowsBlocks(nn.Module):
     """Two residual blocks of 1x1 convs and centred temporal convs (kernel 5, then 3 dilated 2),
     time on axis t: with -mm forms every conv is a channels-last product, and each residual is

@@ -256,7 +256,7 @@ def test_zero_initial_state_is_documented(compiled, artifacts):
 EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "torchscript_runner.py"
 
 
-def test_torchscript_runner_example(compiled, artifacts):
+def test_torchscript_runner_example(compiled, artifacts, installed_package):
     """The example's loop (metadata only, no cocompile) gives the stateful model's valid outputs."""
     import importlib.util
     import subprocess
@@ -264,7 +264,8 @@ def test_torchscript_runner_example(compiled, artifacts):
 
     _, _, _, co = compiled
     path = str(artifacts[".pt"])
-    proc = subprocess.run([sys.executable, str(EXAMPLE), path], capture_output=True, text=True, timeout=300)
+    with installed_package():
+        proc = subprocess.run([sys.executable, str(EXAMPLE), path], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "first valid at step" in proc.stdout, proc.stderr
     spec = importlib.util.spec_from_file_location("torchscript_runner", EXAMPLE)
     runner_mod = importlib.util.module_from_spec(spec)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -73,9 +74,11 @@ def test_a_fixed_batch_gets_a_fixed_shape():
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_state_is_sliced_straight_into_its_output():
+@pytest.mark.parametrize("also_read", [False, True])
+def test_a_state_is_sliced_straight_into_its_output(also_read):
     """cat(state, new frame) along time, the oldest frame dropped (Slice), the persons folded into
-    the batch unfolded again (Reshape into the output): the Reshape moves before the Slice."""
+    the batch unfolded again (Reshape into the output): the Reshape moves before the Slice. Where
+    the window is also read (a clip mean over it), that reader gets the output folded back."""
     nodes = [
         helper.make_node("Reshape", ["state", "fold"], ["s1"]),          # (b, 2, 3, 4) -> (2b, 3, 4)
         helper.make_node("Reshape", ["x", "fold_x"], ["x1"]),            # (b, 2, 1, 4) -> (2b, 1, 4)
@@ -84,11 +87,15 @@ def test_a_state_is_sliced_straight_into_its_output():
         helper.make_node("Slice", ["buf", "starts", "ends", "axes"], ["kept"]),
         helper.make_node("Reshape", ["kept", "unfold"], ["next_state"]),  # (2b, 3, 4) -> (b, 2, 3, 4)
     ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
+               helper.make_tensor_value_info("next_state", TensorProto.FLOAT, ["batch", 2, 3, 4])]
+    if also_read:
+        nodes.append(helper.make_node("ReduceSum", ["kept", "one"], ["window_sum"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("window_sum", TensorProto.FLOAT, [None, 4]))
     graph = helper.make_graph(
         nodes, "state", [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
                          helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
-         helper.make_tensor_value_info("next_state", TensorProto.FLOAT, ["batch", 2, 3, 4])],
+        outputs,
         initializer=[_const("fold", [-1, 3, 4]), _const("fold_x", [-1, 1, 4]), _const("unfold", [-1, 2, 3, 4]),
                      _const("one", [1]),
                      _const("starts", [1]), _const("ends", [4]), _const("axes", [1])])

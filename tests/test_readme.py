@@ -30,10 +30,11 @@ def test_readme_has_the_two_setup_commands():
 
 
 @pytest.mark.parametrize("command", _commands())
-def test_readme_command(command, tmp_path):
+def test_readme_command(command, tmp_path, installed_package):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    with installed_package(reinstall="pip install" in command):
+        run = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for produced in ("co_tcn.onnx", "triton_repo"):
         path = os.path.join(ROOT, produced)
@@ -44,7 +45,8 @@ def test_readme_command(command, tmp_path):
 
 
 @pytest.mark.parametrize("code", [body for lang, body in BLOCKS if lang == "python"])
-def test_readme_python(code, tmp_path):
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def test_readme_python(code, tmp_path, installed_package):
+    with installed_package():
+        run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -362,15 +362,15 @@ class Convolution(WindowRule):
         if win.left > 0 and x_info.warmup > 0:
             x = zero_padding_frames(ctx, x_info, x, d)       # as in WindowRule.step
         a = self.conv_args(node, args, {})
-        weight, rows, state = self._weight(node, a, ctx, g), to_rows(x, d), ctx.state(node, "window")
+        weight, rows = self._weight(node, a, ctx, g), to_rows(x, d)
         t = rows.dim() - 2
         if form_of(node).name == "partial-mm":
-            out, sums = partial_rows(rows, state, weight, a["bias"], g, rows.shape[t])
+            out, sums = partial_rows(rows, ctx.state(node, "window"), weight, a["bias"], g, rows.shape[t])
             ctx.set_state(node, "window", sums)
             return from_rows(out, d)
         p = plan(win, x_info.warmup)
         if p.state > 0:
-            buf = cat_frames(state, rows, t)
+            buf = cat_frames(ctx.state(node, "window"), rows, t)
             ctx.set_state(node, "window", last_frames(buf, t, p.state))
         else:                                   # windows with gaps: skip -S frames of the chunk
             buf = rows.narrow(t, -p.state, rows.shape[t] + p.state)
