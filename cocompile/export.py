@@ -130,8 +130,9 @@ def onnx_portable(co) -> bool:
     onnxruntime copies on every transpose, so channels-last products between NCHW convs cost
     copies there; but where every conv with a step form runs as a channels-last product and
     some keep their state as rows (ST-GCN: 1x1 graph convs and temporal convs), the eager forms
-    keep the whole step channels-last, and the transposes between them cancel (the reshape
-    chains they sit in collapse, see onnx_reshapes.tidy_reshapes)."""
+    keep the whole step channels-last (delays too, see passes/choose_forms.rows_delays), and the
+    transposes between them sink through the elementwise ops and cancel (onnx_transposes), the
+    reshape chains left collapsing (onnx_reshapes.tidy_reshapes)."""
     return not rows_step(form_of(n).name for n in co.program.gm.graph.nodes if FORM_META in n.meta)
 
 

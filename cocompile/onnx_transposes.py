@@ -162,10 +162,10 @@ def _move_below(graph, op, inputs, perm, masks: dict) -> None:
 
 def _compose(graph, t) -> int:
     """A Transpose of a Transpose becomes one (or none where they cancel); returns 1 if changed."""
-    src = t.inputs[0]
-    if len(src.inputs) != 1 or src.inputs[0].op != "Transpose":
+    mid = t.inputs[0]
+    if len(mid.inputs) != 1 or mid.inputs[0].op != "Transpose":
         return 0
-    first = src.inputs[0]
+    first = mid.inputs[0]
     p1, p2 = _perm(first), _perm(t)
     if p1 is None or p2 is None:
         return 0

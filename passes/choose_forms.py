@@ -3,7 +3,9 @@
 Invariant left behind: every convolution that steps along time has node.meta["cocompile.conv_form"]
 = ConvForm(name, weight, how, ms), naming a form that applies to its step (window, fold or
 partial); where that form uses a reshaped weight and the weight is a constant, the reshaped copy is
-a buffer of the graph module (computed here once, not in every step). Runs after the step size is
+a buffer of the graph module (computed here once, not in every step). In a step of channels-last
+products only (conv_forms.rows_step), every delay of a frame tensor is marked node.meta
+["cocompile.rows"]: it keeps its frames as rows too (rows_delays). Runs after the step size is
 known and before assign_states, because the form decides the state's shape.
 
 The fastest form depends on the op's shapes and on the machine, so each applicable form is timed
@@ -22,8 +24,9 @@ import time
 import torch
 from torch import fx
 
-from cocompile.ops.conv_forms import (FORM_META, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows, forced_form,
-                                      from_rows, partial, partial_rows, prepare, rows_step, time_pointwise, to_rows)
+from cocompile.ops.conv_forms import (FORM_META, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows,
+                                      forced_form, from_rows, partial, partial_rows, prepare, rows_step,
+                                      time_pointwise, to_rows)
 from cocompile.ops.delay import delay_frames
 from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
