@@ -10,6 +10,7 @@ from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.fold_constants import fold_constants
 from cocompile.passes.fold_positions import fold_positions
 from cocompile.passes.fuse_attention import fuse_attention
+from cocompile.passes.hoist_affine_tail import hoist_affine_tails
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
 from cocompile.passes.split_projections import split_projections
@@ -67,6 +68,10 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     inputs = {cap.input_name: time_dim}
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
     TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
+    # rewrite: affine ops after a mean over the clip (a classifier) run per frame before it, so
+    # its window keeps their smaller result
+    if hoist_affine_tails(cap.gm):
+        TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
     # analyse: which values the outputs read only at the newest frames (e.g. y[:, -1])
     analyse_demand(cap.gm)
     # analyse again with the demand: single-output attention, windows cut to their newest frames

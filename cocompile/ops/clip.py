@@ -9,12 +9,13 @@ T input frames (E2). Nothing is accumulated across steps, so nothing drifts (E3)
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
 from ..errors import Refusal
 from ..timeinfo import CLIP, WINDOW, TimeInfo
-from .frames import cat_frames, frames_shape, last_frames, merge_time, split_time, stream_axis
+from .frames import cat_frames, frames_shape, last_frames, merge_time, split_time, stream_axis, symbolic_shape
 from .registry import OpRule, register_op
 from .schema import bind
 
@@ -122,6 +123,11 @@ class Reduction(OpRule):
             return {}
         return ClipWindow.states(node.args[0], x, reduced=self._pre(node, x))
 
+    def frame_mean(self, node, x):
+        if node.target is aten.mean.dim and self._over_time(node, x) and not x.merged:
+            return lambda frame, args, kwargs: node.target(frame, *args[1:], **kwargs)
+        return None
+
     def step(self, node, args, kwargs, ctx):
         x = ctx.info(node.args[0])
         if not self._over_time(node, x):
@@ -205,6 +211,11 @@ class AdaptivePool(OpRule):
         x = an.info(node.args[0])
         return ClipWindow.states(node.args[0], x) if self._time_out(node, x) == 1 and x.length > 1 else {}
 
+    def frame_mean(self, node, x):
+        if node.target in AVERAGES and self._time_out(node, x) == 1 and x.length > 1 and not x.merged:
+            return lambda frame, args, kwargs: node.target(frame, *args[1:], **kwargs)
+        return None
+
     def step(self, node, args, kwargs, ctx):
         x = ctx.info(node.args[0])
         if self._time_out(node, x) == 1 and x.length > 1:
@@ -212,7 +223,69 @@ class AdaptivePool(OpRule):
         return node.target(*args, **kwargs)
 
 
+AVERAGES = (aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
+            aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+            aten.adaptive_avg_pool3d.default)
 register_op(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
             aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
             aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool1d.default,
             aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)(AdaptivePool)
+
+
+# -- affine ops moved before a mean over the clip (passes/hoist_affine_tail.py) ---------------------
+class AffineTail(torch.nn.Module):
+    """`ops(mean(x))` where `mean` averages every frame of x and `ops` (an fx graph of the captured
+    ops that followed it: reshapes, means over other axes, convs, linears, constant scales and
+    shifts) is affine, so that it equals the mean over frames of `ops(mean(frame))`."""
+
+    def __init__(self, mean, one_frame, ops: torch.fx.GraphModule, describe: str):
+        super().__init__()
+        self.mean, self.one_frame, self.ops, self.describe = mean, one_frame, ops, describe
+
+    def forward(self, x, *ext):
+        """Offline meaning: the captured ops in their order."""
+        return self.ops(self.mean(x), *ext)
+
+    def per_frame(self, frame, ext):
+        return self.ops(self.one_frame(frame), *ext)
+
+
+# name -> AffineTail; the graph that reads one holds it as a submodule of that name, which keeps
+# it alive (names are unique in the process)
+TAILS: "weakref.WeakValueDictionary[str, AffineTail]" = weakref.WeakValueDictionary()
+
+
+def mean_of_tail(x: torch.Tensor, tail: str, *ext) -> torch.Tensor:
+    """The graph node of the AffineTail named `tail`; `ext` are the values its ops read besides
+    the mean (constants)."""
+    return TAILS[tail](x, *ext)
+
+
+@register_op(mean_of_tail)
+class MeanOfTail(OpRule):
+    """Streaming form: the ops run on each new frame's own mean (same shape as the clip's mean),
+    and the window keeps their result for the last L frames; the output is its mean over them.
+    Exact like any clip reduction (E1/E2: the window holds the offline frames; E3: nothing is
+    accumulated), and smaller when the ops map a frame to fewer values (a classifier's scores
+    instead of the pooled features)."""
+
+    def time(self, node, an):
+        return ClipWindow.time(an, node.args[0])
+
+    def states(self, node, an):
+        x, shape = an.info(node.args[0]), symbolic_shape(node)
+        tail = TAILS[node.args[1]]
+        return {"clip": ((shape[0], x.length, *shape[1:]), node.meta["val"].dtype,
+                         f"{tail.describe} of each of the last {x.length} frames of "
+                         f"{node.args[0].name}, averaged each step")}
+
+    def step(self, node, args, kwargs, ctx):
+        x, tail, ext = args[0], TAILS[args[1]], args[2:]
+        info = ctx.info(node.args[0])
+        state = ctx.state(node, "clip")
+        frames = [tail.per_frame(x.narrow(info.dim, i, 1), ext) for i in range(x.shape[info.dim])]
+        new = torch.stack(frames, 1) if frames else state[:, :0]
+        window = last_frames(cat_frames(state, new, 1), 1, info.length)
+        if ctx.mode == "step":
+            ctx.set_state(node, "clip", window)
+        return window.mean(1)

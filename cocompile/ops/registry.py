@@ -57,6 +57,12 @@ class OpRule:
     def step(self, node: torch.fx.Node, args, kwargs, ctx):
         return node.target(*args, **kwargs)
 
+    def frame_mean(self, node: torch.fx.Node, x: TimeInfo):
+        """When the op is the mean over every frame of its input `x` (a clip reduction that the
+        affine ops after it commute with): `one(frame, args, kwargs)`, the same op on a
+        one-frame chunk, whose value has the shape of the op's output. Else None."""
+        return None
+
 
 def register_op(*targets):
     """Class decorator: register one instance of the rule for each target op.

@@ -497,6 +497,24 @@ class AvgPool(Pool):
     def exclude_pad(self, node):
         return not self.arg(node, "count_include_pad") and self.arg(node, "divisor_override") is None
 
+    def frame_mean(self, node, x):
+        """A pool over exactly the clip's frames (no padding along time, no divisor override):
+        on one frame, the same pool with kernel and stride 1 along time."""
+        win = self._window(node, x)
+        if (win is None or _is_tuple(node) or not self.covers_clip(node, x, win) or win.left or win.right
+                or win.extent != x.length or win.dilation != 1 or self.arg(node, "divisor_override")):
+            return None
+        kernel = list(self.arg(node, "kernel_size"))
+        j = x.dim - (node.args[0].meta["val"].dim() - len(kernel))
+
+        def one(frame, args, kwargs):
+            values = bind(node.target, args, kwargs)
+            values["self"] = frame
+            values["kernel_size"] = _with(kernel, j, 1, len(kernel))
+            values["stride"] = _with(list(values["stride"]) or kernel, j, 1, len(kernel))
+            return call(node.target, values)
+        return one
+
 
 @register_op(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
              aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
