@@ -56,7 +56,7 @@ def hoist_affine_tails(gm: fx.GraphModule) -> int:
         if one is None:
             continue
         chain = _affine_chain(node)
-        if chain and _per_stream(chain[-1]) < _window_per_frame(node):
+        if chain and _per_stream(symbolic_shape(chain[-1])) < _window_per_frame(node):
             _rewrite(gm, node, chain, one, f"cocompile_tail_{next(_ids)}")
             done += 1
     if done:
@@ -119,9 +119,8 @@ def _batch_first(node: fx.Node) -> bool:
     return not isinstance(lead, int) and all(isinstance(s, int) for s in symbolic_shape(node)[1:])
 
 
-def _per_stream(node: fx.Node) -> float:
-    """Values per stream of `node` (axis 0 holds the batch, or a multiple of it)."""
-    shape = symbolic_shape(node)
+def _per_stream(shape) -> float:
+    """Values per stream of a value of `shape` (axis 0 holds the batch, or a multiple of it)."""
     lead = shape[0]
     fold = 1 if isinstance(lead, int) else lead / next(iter(lead.free_symbols))
     return float(fold) * math.prod(int(s) for s in shape[1:])
@@ -129,13 +128,8 @@ def _per_stream(node: fx.Node) -> float:
 
 def _window_per_frame(mean: fx.Node) -> float:
     """Values per stream and frame that the mean's clip window keeps."""
-    x = mean.args[0]
-    info = x.meta[META]
     spec = rule_for(mean.target).states(mean, _Infos())
-    shape = next(iter(spec.values()))[0]
-    lead = shape[0]
-    fold = 1 if isinstance(lead, int) else lead / next(iter(lead.free_symbols))
-    return float(fold) * math.prod(int(s) for s in shape[1:]) / info.length
+    return _per_stream(next(iter(spec.values()))[0]) / mean.args[0].meta[META].length
 
 
 class _Infos:
