@@ -21,6 +21,7 @@ import math
 import torch
 from torch import fx
 
+from cocompile.errors import Refusal
 from cocompile.ops.clip import TAILS, AffineTail, mean_of_tail
 from cocompile.ops.frames import stream_axis, symbolic_shape
 from cocompile.ops.registry import rule_for
@@ -30,7 +31,8 @@ from cocompile.timeinfo import CLIP, META, STATIC, TimeInfo
 aten = torch.ops.aten
 _ids = itertools.count()
 
-# ops linear in their first argument (shape changes, selections, means and sums over axes)
+# ops affine in their first argument (shape changes, selections, means and sums over axes,
+# scalar scales and shifts, division by a constant)
 LINEAR_IN_FIRST = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
     aten.transpose.int, aten.t.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
@@ -127,15 +129,17 @@ def _per_stream(shape) -> float:
 
 
 def _window_per_frame(mean: fx.Node) -> float:
-    """Values per stream and frame that the mean's clip window keeps."""
-    spec = rule_for(mean.target).states(mean, _Infos())
+    """Values per stream and frame that the mean's clip window keeps (0 where it cannot keep one:
+    nothing is moved, and assign_states reports why at that node)."""
+    try:
+        spec = rule_for(mean.target).states(mean, _Infos())
+    except Refusal:
+        return 0
     return _per_stream(next(iter(spec.values()))[0]) / mean.args[0].meta[META].length
 
 
 class _Infos:
     """What a rule's `states` reads of the analysis here: the annotated TimeInfo as is."""
-
-    _rule = None
 
     @staticmethod
     def info(arg):

@@ -250,14 +250,15 @@ class AffineTail(torch.nn.Module):
         return self.ops(self.one_frame(frame), *ext)
 
 
-# name -> AffineTail; the graph that reads one holds it as a submodule of that name, which keeps
-# it alive (names are unique in the process)
+# name -> AffineTail, for running a graph as a plain function (the offline FLOP count); the graph
+# that reads one holds it as a submodule of that name, which keeps it alive, and the step rules
+# fetch it there (names are unique in the process)
 TAILS: "weakref.WeakValueDictionary[str, AffineTail]" = weakref.WeakValueDictionary()
 
 
 def mean_of_tail(x: torch.Tensor, tail: str, *ext) -> torch.Tensor:
-    """The graph node of the AffineTail named `tail`; `ext` are the values its ops read besides
-    the mean (constants)."""
+    """The graph node of the AffineTail that the graph holds as submodule `tail`; `ext` are the
+    values its ops read besides the mean (constants)."""
     return TAILS[tail](x, *ext)
 
 
@@ -274,13 +275,13 @@ class MeanOfTail(OpRule):
 
     def states(self, node, an):
         x, shape = an.info(node.args[0]), symbolic_shape(node)
-        tail = TAILS[node.args[1]]
+        tail = an.gm.get_submodule(node.args[1])
         return {"clip": ((shape[0], x.length, *shape[1:]), node.meta["val"].dtype,
                          f"{tail.describe} of each of the last {x.length} frames of "
                          f"{node.args[0].name}, averaged each step")}
 
     def step(self, node, args, kwargs, ctx):
-        x, tail, ext = args[0], TAILS[args[1]], args[2:]
+        x, tail, ext = args[0], ctx.module.get_submodule(args[1]), args[2:]
         info = ctx.info(node.args[0])
         state = ctx.state(node, "clip")
         frames = [tail.per_frame(x.narrow(info.dim, i, 1), ext) for i in range(x.shape[info.dim])]
