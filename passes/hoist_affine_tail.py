@@ -6,7 +6,9 @@ averages them. When a chain of affine ops follows it (reshapes, means over other
 linears, constant scales and shifts: a classifier head), then ops(mean_t m_t) = mean_t ops(m_t),
 where m_t is the mean of frame t alone. The chain then runs on each new frame and the window keeps
 its result, which for a classifier is the class scores (ST-GCN: 60 per frame instead of
-2 persons x 256 features).
+2 persons x 256 features), less the chain's value at a zero frame, which is added back after the
+mean: the window's zero state then still stands for frames of zeros, also where approximate mode
+reads the window before it is full (a squeeze-excitation gate).
 
 Invariant left behind: each rewritten chain is one `mean_of_tail` node reading the mean's input
 (and the constants the chain read), with the chain as a graph submodule; the offline meaning is

@@ -129,3 +129,37 @@ def test_a_head_over_persons_folded_into_the_batch():
     assert len(tails(co)) == 1 and windows(co) == [(10, 6)]          # was (2, 8, 10, 1)
     report = cocompile.verify(model, co, clip)
     assert report.passed and co.exact_sliding, report
+
+
+class SqueezeExcite(nn.Module):
+    """Clip-level gating: the clip mean, squeezed by a 1x1 conv, gates every frame (approximate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 16, 3)
+        self.down, self.up = nn.Conv1d(16, 4, 1), nn.Conv1d(4, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        gate = torch.sigmoid(self.up(torch.relu(self.down(y.mean(2, keepdim=True)))))
+        return y * gate
+
+
+def test_a_gate_mid_network_streams_as_without_the_rewrite(monkeypatch):
+    """approximate=True: a causal window for the gate's mean. Moving the squeeze before the mean
+    changes what the window keeps (4 values per frame instead of 16), not what the stream computes."""
+    torch.manual_seed(4)
+    model = SqueezeExcite().eval()
+    clip = torch.randn(2, 3, 20)
+    moved = cocompile.compile(model, clip[:1], approximate=True)
+    assert len(tails(moved)) == 1 and windows(moved) == [(18, 4, 1)]
+    import cocompile.compiler as compiler
+    monkeypatch.setattr(compiler, "hoist_affine_tails", lambda gm: 0)
+    kept = cocompile.compile(model, clip[:1], approximate=True)
+    assert not tails(kept) and windows(kept) == [(16, 18)]
+    stream = torch.randn(2, 3, 3 * 20)
+    a, b = moved.initial_state(2), kept.initial_state(2)
+    for chunk in stream.split(moved.step_frames, 2):
+        ya, a = moved.step(chunk, a)
+        yb, b = kept.step(chunk, b)
+        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-4)

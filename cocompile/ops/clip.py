@@ -265,7 +265,8 @@ def mean_of_tail(x: torch.Tensor, tail: str, *ext) -> torch.Tensor:
 @register_op(mean_of_tail)
 class MeanOfTail(OpRule):
     """Streaming form: the ops run on each new frame's own mean (same shape as the clip's mean),
-    and the window keeps their result for the last L frames; the output is its mean over them.
+    and the window keeps their result for the last L frames, less the ops' value at a zero frame
+    (the linear part); the output is its mean over them plus that value.
     Exact like any clip reduction (E1/E2: the window holds the offline frames; E3: nothing is
     accumulated), and smaller when the ops map a frame to fewer values (a classifier's scores
     instead of the pooled features)."""
@@ -278,15 +279,19 @@ class MeanOfTail(OpRule):
         tail = an.gm.get_submodule(node.args[1])
         return {"clip": ((shape[0], x.length, *shape[1:]), node.meta["val"].dtype,
                          f"{tail.describe} of each of the last {x.length} frames of "
-                         f"{node.args[0].name}, averaged each step")}
+                         f"{node.args[0].name} (less its value at zero), averaged each step")}
 
     def step(self, node, args, kwargs, ctx):
         x, tail, ext = args[0], ctx.module.get_submodule(args[1]), args[2:]
         info = ctx.info(node.args[0])
         state = ctx.state(node, "clip")
-        frames = [tail.per_frame(x.narrow(info.dim, i, 1), ext) for i in range(x.shape[info.dim])]
+        # the ops' value at a zero frame (their constant part) is kept out of the window, so that
+        # its zero state still stands for frames of zeros, as the window of the mean's input does
+        # (approximate mode reads the window before it is full)
+        zero = tail.per_frame(x.new_zeros([1 if a == info.dim else n for a, n in enumerate(x.shape)]), ext)
+        frames = [tail.per_frame(x.narrow(info.dim, i, 1), ext) - zero for i in range(x.shape[info.dim])]
         new = torch.stack(frames, 1) if frames else state[:, :0]
         window = last_frames(cat_frames(state, new, 1), 1, info.length)
         if ctx.mode == "step":
             ctx.set_state(node, "clip", window)
-        return window.mean(1)
+        return window.mean(1) + zero
