@@ -166,7 +166,7 @@ def _rewrite(gm: fx.GraphModule, mean: fx.Node, chain: list[fx.Node], one, name:
     target, m_args, m_kwargs = mean.target, mean.args, mean.kwargs
     tail = AffineTail(lambda x: target(x, *m_args[1:], **m_kwargs),
                       lambda frame: one(frame, (frame, *m_args[1:]), m_kwargs), ops,
-                      " -> ".join(n.name for n in chain))
+                      f"after {mean.name} ({' -> '.join(n.name for n in chain)})")
     gm.add_submodule(name, tail)
     TAILS[name] = tail
     last = chain[-1]

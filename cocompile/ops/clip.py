@@ -278,8 +278,9 @@ class MeanOfTail(OpRule):
         x, shape = an.info(node.args[0]), symbolic_shape(node)
         tail = an.gm.get_submodule(node.args[1])
         return {"clip": ((shape[0], x.length, *shape[1:]), node.meta["val"].dtype,
-                         f"{tail.describe} of each of the last {x.length} frames of "
-                         f"{node.args[0].name} (less its value at zero), averaged each step")}
+                         f"the ops {tail.describe} on each of the last {x.length} frames of "
+                         f"{node.args[0].name} (less their value at a zero frame); averaged each "
+                         "step")}
 
     def step(self, node, args, kwargs, ctx):
         x, tail, ext = args[0], ctx.module.get_submodule(args[1]), args[2:]
