@@ -18,7 +18,7 @@ FRAMES = StateSpec("state.frames", (), torch.int64,
                    "input frames consumed so far by this stream (positions the start padding)")
 
 
-def _per_stream(shape) -> tuple[tuple[int, ...], int]:
+def per_stream(shape) -> tuple[tuple[int, ...], int]:
     """(shape without the stream axis, fold) from a captured shape whose axis 0 is k*batch."""
     lead, rest = shape[0], tuple(int(s) for s in shape[1:])
     if isinstance(lead, int) or getattr(lead, "is_Integer", False):
@@ -41,7 +41,7 @@ def assign_states(gm: fx.GraphModule, an) -> list[StateSpec]:
         try:
             wanted = rule.states(node, an)
             for key, (shape, dtype, doc) in wanted.items():
-                wanted[key] = (_per_stream(shape), dtype, doc)
+                wanted[key] = (per_stream(shape), dtype, doc)
         except Refusal as r:
             raise error_at(node, r.reason, r.hint) from None
         finally:

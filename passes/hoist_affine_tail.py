@@ -27,6 +27,7 @@ from cocompile.errors import Refusal
 from cocompile.ops.clip import TAILS, AffineTail, mean_of_tail
 from cocompile.ops.frames import stream_axis, symbolic_shape
 from cocompile.ops.registry import rule_for
+from cocompile.passes.assign_states import per_stream
 from cocompile.passes.graph_edit import inherit
 from cocompile.timeinfo import CLIP, META, STATIC, TimeInfo
 
@@ -60,7 +61,7 @@ def hoist_affine_tails(gm: fx.GraphModule) -> int:
         if one is None:
             continue
         chain = _affine_chain(node)
-        if chain and _per_stream(symbolic_shape(chain[-1])) < _window_per_frame(node):
+        if chain and _moved_is_smaller(node, chain[-1]):
             _rewrite(gm, node, chain, one, f"cocompile_tail_{next(_ids)}")
             done += 1
     if done:
@@ -123,21 +124,21 @@ def _batch_first(node: fx.Node) -> bool:
     return not isinstance(lead, int) and all(isinstance(s, int) for s in symbolic_shape(node)[1:])
 
 
-def _per_stream(shape) -> float:
+def _values_per_stream(shape) -> int:
     """Values per stream of a value of `shape` (axis 0 holds the batch, or a multiple of it)."""
-    lead = shape[0]
-    fold = 1 if isinstance(lead, int) else lead / next(iter(lead.free_symbols))
-    return float(fold) * math.prod(int(s) for s in shape[1:])
+    return math.prod(per_stream(shape)[0])
 
 
-def _window_per_frame(mean: fx.Node) -> float:
-    """Values per stream and frame that the mean's clip window keeps (0 where it cannot keep one:
-    nothing is moved, and assign_states reports why at that node)."""
+def _moved_is_smaller(mean: fx.Node, last: fx.Node) -> bool:
+    """Whether `last` keeps fewer values per stream than the mean's clip window keeps per frame
+    (False where either cannot be kept per stream: nothing is moved, and assign_states reports
+    why at that node)."""
     try:
         spec = rule_for(mean.target).states(mean, _Infos())
+        window = _values_per_stream(next(iter(spec.values()))[0]) / mean.args[0].meta[META].length
+        return _values_per_stream(symbolic_shape(last)) < window
     except Refusal:
-        return 0
-    return _per_stream(next(iter(spec.values()))[0]) / mean.args[0].meta[META].length
+        return False
 
 
 class _Infos:

@@ -72,6 +72,11 @@ class ClipWindow:
         return run(ClipWindow.frames(ctx, node, arg, x))
 
 
+def _same_op(node):
+    """`frame_mean`'s one-frame form of an op that already averages a one-frame chunk as wanted."""
+    return lambda frame, args, kwargs: node.target(frame, *args[1:], **kwargs)
+
+
 SEPARABLE = {aten.mean.dim: aten.mean.dim, aten.sum.dim_IntList: aten.sum.dim_IntList,
              aten.amax.default: aten.amax.default, aten.amin.default: aten.amin.default}
 
@@ -125,7 +130,7 @@ class Reduction(OpRule):
 
     def frame_mean(self, node, x):
         if node.target is aten.mean.dim and self._over_time(node, x) and not x.merged:
-            return lambda frame, args, kwargs: node.target(frame, *args[1:], **kwargs)
+            return _same_op(node)
         return None
 
     def step(self, node, args, kwargs, ctx):
@@ -213,7 +218,7 @@ class AdaptivePool(OpRule):
 
     def frame_mean(self, node, x):
         if node.target in AVERAGES and self._time_out(node, x) == 1 and x.length > 1 and not x.merged:
-            return lambda frame, args, kwargs: node.target(frame, *args[1:], **kwargs)
+            return _same_op(node)
         return None
 
     def step(self, node, args, kwargs, ctx):
@@ -226,10 +231,8 @@ class AdaptivePool(OpRule):
 AVERAGES = (aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
             aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
             aten.adaptive_avg_pool3d.default)
-register_op(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
-            aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
-            aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool1d.default,
-            aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)(AdaptivePool)
+register_op(*AVERAGES, aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default,
+            aten.adaptive_max_pool3d.default)(AdaptivePool)
 
 
 # -- affine ops moved before a mean over the clip (passes/hoist_affine_tail.py) ---------------------
