@@ -8,6 +8,11 @@
    copies a Reshape into a graph output, so the state was copied once more. Reshaped first, the
    Reshape reads an intermediate (no copy) and the Slice writes the output; other readers of the
    sliced value (the mean over a clip window) read the output folded back by a Reshape.
+3. Likewise a Reshape that splits axis 0 after a Concat along another axis goes before each of the
+   Concat's inputs (reshape_before_concat): a delay's FIFO is its kept frames and the new ones
+   concatenated into the state output. Rewrites 2 and 3 repeat until neither applies, so a Reshape
+   moved above a Concat goes on above the Slice that feeds it and meets the state input's Reshape
+   (rewrite 1 then makes the pair one Reshape, or none).
 
 The eager step changes layouts with views, which cost nothing (a channels-last matrix product's
 output read as NCHW, then regrouped for the next product). The ONNX exporter writes every permute
@@ -29,11 +34,17 @@ BATCHES = (2, 3)
 def tidy_reshapes(graph, batch) -> int:
     """Both rewrites on `graph` (onnx_graphsurgeon), in place; `batch` is the name of the batch
     axis, or the fixed batch size. Returns how many places changed."""
-    shapes = _Shapes(graph, batch)
-    count = collapse_reshape_chains(graph, shapes) + reshape_before_slice(graph, shapes)
-    if count:
-        graph.cleanup().toposort()
-    return count
+    total = 0
+    while True:
+        shapes = _Shapes(graph, batch)
+        collapsed = collapse_reshape_chains(graph, shapes)
+        moved = reshape_before_slice(graph, shapes) + reshape_before_concat(graph, shapes)
+        count = collapsed + moved
+        if count:
+            graph.cleanup().toposort()
+        total += count
+        if not moved:
+            return total
 
 
 class _Shapes:
@@ -119,6 +130,36 @@ def reshape_before_slice(graph, shapes: _Shapes) -> int:
             merged = gs.Constant(f"{out.name}_folded_shape", fold)
             graph.nodes.append(gs.Node("Reshape", inputs=[out, merged], outputs=[sliced],
                                        name=f"{out.name}_folded"))
+        count += 1
+    return count
+
+
+def reshape_before_concat(graph, shapes: _Shapes) -> int:
+    """Returns how many Reshape-after-Concat pairs became Reshapes before the Concat."""
+    import onnx_graphsurgeon as gs
+
+    count = 0
+    for node in list(graph.nodes):
+        cat = node.inputs[0].inputs[0] if node.op == "Reshape" and node.inputs[0].inputs else None
+        if cat is None or cat.op != "Concat" or not _is_link(node) or len(cat.outputs[0].outputs) != 1:
+            continue
+        out, joined = node.outputs[0], cat.outputs[0]
+        rank = len(shapes.of(joined.name)[0] or ())
+        axis = cat.attrs["axis"] % rank if rank else 0
+        target = [int(d) for d in node.inputs[1].values]
+        befores = [_split_first_axis(target, shapes.of(x.name), shapes.of(joined.name), [axis])
+                   for x in cat.inputs]
+        if not rank or any(b is None for b in befores):
+            continue
+        inputs = []
+        for i, (x, before) in enumerate(zip(cat.inputs, befores)):
+            shape = gs.Constant(f"{out.name}_in{i}_shape", np.array(before, dtype=np.int64))
+            inputs.append(gs.Variable(f"{out.name}_in{i}", dtype=x.dtype))
+            graph.nodes.append(gs.Node("Reshape", inputs=[x, shape], outputs=[inputs[-1]],
+                                       name=f"{out.name}_in{i}"))
+        node.outputs, cat.outputs = [], []
+        graph.nodes.append(gs.Node("Concat", inputs=inputs, outputs=[out], attrs={"axis": axis + 1},
+                                   name=f"{out.name}_concat"))
         count += 1
     return count
 

@@ -114,3 +114,48 @@ def test_a_state_is_sliced_straight_into_its_output(also_read):
         got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
         for a, b in zip(want, got):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("also_read", [False, True])
+def test_a_fifo_is_concatenated_straight_into_its_output(also_read):
+    """A delay's step: the leaving frame sliced from the state, the kept frames (another Slice)
+    and the new frame concatenated, the persons unfolded again (Reshape into the output). The
+    Reshape moves above the Concat and on above the kept frames' Slice; a Concat that something
+    else also reads stays as it is."""
+    nodes = [
+        helper.make_node("Reshape", ["state", "fold"], ["s1"]),           # (b, 2, 3, 4) -> (2b, 3, 4)
+        helper.make_node("Reshape", ["x", "fold_x"], ["x1"]),             # (b, 2, 1, 4) -> (2b, 1, 4)
+        helper.make_node("Slice", ["s1", "zero", "one", "axes"], ["y"]),  # the leaving frame
+        helper.make_node("Slice", ["s1", "one", "three", "axes"], ["kept"]),
+        helper.make_node("Concat", ["kept", "x1"], ["fifo"], axis=1),     # (2b, 3, 4)
+        helper.make_node("Reshape", ["fifo", "unfold"], ["next_state"]),  # -> (b, 2, 3, 4)
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, 4]),
+               helper.make_tensor_value_info("next_state", TensorProto.FLOAT, ["batch", 2, 3, 4])]
+    if also_read:
+        nodes.append(helper.make_node("ReduceSum", ["fifo", "one"], ["fifo_sum"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("fifo_sum", TensorProto.FLOAT, [None, 4]))
+    graph = helper.make_graph(
+        nodes, "fifo", [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])],
+        outputs,
+        initializer=[_const("fold", [-1, 3, 4]), _const("fold_x", [-1, 1, 4]), _const("unfold", [-1, 2, 3, 4]),
+                     _const("zero", [0]), _const("one", [1]), _const("three", [3]), _const("axes", [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = gs.import_onnx(model)
+    assert tidy_reshapes(g, "batch") == (0 if also_read else 2)      # the Concat, then the Slice
+    out = gs.export_onnx(g)
+    onnx.checker.check_model(out, full_check=True)
+    made_by = {o: n for n in out.graph.node for o in n.output}
+    assert made_by["next_state"].op_type == ("Reshape" if also_read else "Concat")
+    if not also_read:              # kept frames: a Slice of the state (read through free Reshapes)
+        kept = made_by[made_by["next_state"].input[0]]
+        assert kept.op_type == "Slice" and made_by[kept.input[0]].op_type == "Reshape"
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        feeds = {"state": rng.standard_normal((batch, 2, 3, 4)).astype(np.float32),
+                 "x": rng.standard_normal((batch, 2, 1, 4)).astype(np.float32)}
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)

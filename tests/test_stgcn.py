@@ -143,7 +143,17 @@ def test_stride1_onnx_step_stays_channels_last(tmp_path, monkeypatch):
     assert tidy_reshapes(graph, "batch") == 0
     delays = [s for s in co.specs if s.name.endswith(".delay")]
     assert delays and all(s.shape[-3:-1] == (25, 4) for s in delays)     # (persons, V, frames, C)
-    # windows and delays are sliced straight into the state outputs (a Reshape into an output is
-    # one copy more; the head's window is also read by its mean, so its Slice stays inside)
-    windows = [o.name for o in onnx.load(path).graph.output if ".tcn." in o.name or o.name.endswith(".delay")]
-    assert len(windows) == 5 and all(producer[w] == "Slice" for w in windows)
+    # windows are sliced and delays concatenated straight into the state outputs (a Reshape into
+    # an output is one copy more; the head's window is also read by its mean, so its Slice stays
+    # inside); a delay's leaving frame is sliced from the state input, not from the FIFO written anew
+    outputs = [o.name for o in onnx.load(path).graph.output]
+    windows = [o for o in outputs if ".tcn." in o]
+    fifos = [o for o in outputs if o.endswith(".delay")]
+    assert len(windows) == 3 and all(producer[w] == "Slice" for w in windows)
+    assert len(fifos) == 2 and all(producer[f] == "Concat" for f in fifos)
+    made_by = {o: n for n in nodes for o in n.output}
+    for f in fifos:                 # the kept frames: slices (and free Reshapes) of the state input
+        kept = made_by[f].input[0]
+        while kept in made_by and made_by[kept].op_type in ("Slice", "Reshape"):
+            kept = made_by[kept].input[0]
+        assert kept == f.replace("next_state.", "state.")

@@ -43,15 +43,28 @@ class Delay(OpRule):
         info, frames = ctx.info(node.args[0]), node.args[1]
         flush = ctx.info(node).flush_frames(ctx.clip_length) if ctx.mode == "flush" else None
         if node.meta.get(ROWS_META):                 # (never merged with other axes)
-            n = args[0].shape[info.dim] if flush is None else flush
-            buf = cat_frames(ctx.state(node, "fifo"), to_rows(args[0], info.dim), -2)
+            out, fifo = _fifo(ctx.state(node, "fifo"), to_rows(args[0], info.dim), -2, frames, flush)
             if ctx.mode == "step":
-                ctx.set_state(node, "fifo", buf.narrow(-2, n, frames))
-            return from_rows(buf.narrow(-2, 0, n), info.dim)
+                ctx.set_state(node, "fifo", fifo)
+            return from_rows(out, info.dim)
         xu, t = split_time(args[0], info, ctx.batch)
         fu, _ = split_time(ctx.state(node, "fifo"), info, ctx.batch)
-        buf = cat_frames(fu, xu, t)
-        n = xu.shape[t] if flush is None else flush
+        out, fifo = _fifo(fu, xu, t, frames, flush)
         if ctx.mode == "step":
-            ctx.set_state(node, "fifo", merge_time(buf.narrow(t, n, frames), info))
-        return merge_time(buf.narrow(t, 0, n), info)
+            ctx.set_state(node, "fifo", merge_time(fifo, info))
+        return merge_time(out, info)
+
+
+def _fifo(fifo: torch.Tensor, x: torch.Tensor, t: int, frames: int, flush: int | None):
+    """(the frames that leave: the first n of fifo + x, the FIFO after them) on axis t, where n is
+    x's frame count (when flushing: `flush` frames, and no FIFO after). When x has no more frames
+    than the FIFO, the leaving frames are read from the FIFO and only the kept ones are
+    concatenated: a backend that copies every slice (onnxruntime) then writes 2 frames per FIFO
+    frame instead of 2 (frames + n)."""
+    if flush is not None:                        # (no FIFO after the flush)
+        return cat_frames(fifo, x, t).narrow(t, 0, flush), None
+    n = x.shape[t]
+    if n <= frames:
+        return fifo.narrow(t, 0, n), cat_frames(fifo.narrow(t, n, frames - n), x, t)
+    buf = cat_frames(fifo, x, t)
+    return buf.narrow(t, 0, n), buf.narrow(t, n, frames)
