@@ -48,6 +48,32 @@ def _run(model, x):
     return sess.run(None, {"x": x})
 
 
+def _state_model(name, nodes, outputs, consts, also_read, read):
+    """A step's state update: inputs state (b, 2, 3, 4) and x (b, 2, 1, 4), the persons folded into
+    the batch by the constants fold / fold_x and unfolded by unfold; with `also_read`, an output
+    more that sums the value `read` (a second reader of it)."""
+    if also_read:
+        nodes = nodes + [helper.make_node("ReduceSum", [read, "one"], [f"{read}_sum"], keepdims=0)]
+        outputs = outputs + [helper.make_tensor_value_info(f"{read}_sum", TensorProto.FLOAT, [None, 4])]
+    inputs = [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])]
+    folds = {"fold": [-1, 3, 4], "fold_x": [-1, 1, 4], "unfold": [-1, 2, 3, 4], "one": [1]}
+    graph = helper.make_graph(nodes, name, inputs, outputs,
+                              initializer=[_const(k, v) for k, v in {**folds, **consts}.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _assert_same_outputs(model, out):
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        feeds = {"state": rng.standard_normal((batch, 2, 3, 4)).astype(np.float32),
+                 "x": rng.standard_normal((batch, 2, 1, 4)).astype(np.float32)}
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_chains_that_keep_the_order_become_one_reshape():
     model = _model()
     graph = gs.import_onnx(model)
@@ -89,31 +115,14 @@ def test_a_state_is_sliced_straight_into_its_output(also_read):
     ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
                helper.make_tensor_value_info("next_state", TensorProto.FLOAT, ["batch", 2, 3, 4])]
-    if also_read:
-        nodes.append(helper.make_node("ReduceSum", ["kept", "one"], ["window_sum"], keepdims=0))
-        outputs.append(helper.make_tensor_value_info("window_sum", TensorProto.FLOAT, [None, 4]))
-    graph = helper.make_graph(
-        nodes, "state", [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
-                         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])],
-        outputs,
-        initializer=[_const("fold", [-1, 3, 4]), _const("fold_x", [-1, 1, 4]), _const("unfold", [-1, 2, 3, 4]),
-                     _const("one", [1]),
-                     _const("starts", [1]), _const("ends", [4]), _const("axes", [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _state_model("state", nodes, outputs, {"starts": [1], "ends": [4], "axes": [1]}, also_read, "kept")
     g = gs.import_onnx(model)
     assert tidy_reshapes(g, "batch") == 1
     out = gs.export_onnx(g)
     onnx.checker.check_model(out, full_check=True)
     producer = {o: n.op_type for n in out.graph.node for o in n.output}
     assert producer["next_state"] == "Slice"
-    for batch in (1, 3):
-        rng = np.random.default_rng(batch)
-        feeds = {"state": rng.standard_normal((batch, 2, 3, 4)).astype(np.float32),
-                 "x": rng.standard_normal((batch, 2, 1, 4)).astype(np.float32)}
-        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-        for a, b in zip(want, got):
-            np.testing.assert_array_equal(a, b)
+    _assert_same_outputs(model, out)
 
 
 @pytest.mark.parametrize("also_read", [False, True])
@@ -132,16 +141,7 @@ def test_a_fifo_is_concatenated_straight_into_its_output(also_read):
     ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, 4]),
                helper.make_tensor_value_info("next_state", TensorProto.FLOAT, ["batch", 2, 3, 4])]
-    if also_read:
-        nodes.append(helper.make_node("ReduceSum", ["fifo", "one"], ["fifo_sum"], keepdims=0))
-        outputs.append(helper.make_tensor_value_info("fifo_sum", TensorProto.FLOAT, [None, 4]))
-    graph = helper.make_graph(
-        nodes, "fifo", [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
-                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])],
-        outputs,
-        initializer=[_const("fold", [-1, 3, 4]), _const("fold_x", [-1, 1, 4]), _const("unfold", [-1, 2, 3, 4]),
-                     _const("zero", [0]), _const("one", [1]), _const("three", [3]), _const("axes", [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _state_model("fifo", nodes, outputs, {"zero": [0], "three": [3], "axes": [1]}, also_read, "fifo")
     g = gs.import_onnx(model)
     assert tidy_reshapes(g, "batch") == (0 if also_read else 2)      # the Concat, then the Slice
     out = gs.export_onnx(g)
@@ -151,11 +151,4 @@ def test_a_fifo_is_concatenated_straight_into_its_output(also_read):
     if not also_read:              # kept frames: a Slice of the state (read through free Reshapes)
         kept = made_by[made_by["next_state"].input[0]]
         assert kept.op_type == "Slice" and made_by[kept.input[0]].op_type == "Reshape"
-    for batch in (1, 3):
-        rng = np.random.default_rng(batch)
-        feeds = {"state": rng.standard_normal((batch, 2, 3, 4)).astype(np.float32),
-                 "x": rng.standard_normal((batch, 2, 1, 4)).astype(np.float32)}
-        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-        for a, b in zip(want, got):
-            np.testing.assert_array_equal(a, b)
+    _assert_same_outputs(model, out)
