@@ -19,11 +19,19 @@ mean over its stream), and the table shows the median
 over rounds, so that the drift of a shared machine hits all columns alike. Steps carry their state
 from round to round over the clip's chunks. `--stream 1` times one step right after each clip
 (the clip has just flushed the caches: the slowest case).
+
+Each example is measured in a Python process of its own (this script again, with `--in-process`
+and one example), as a deployment runs one model per process: what an example measures then does
+not depend on which examples the same process compiled, exported and timed before it (their freed
+memory, allocator and cache state). `--in-process` measures every example in this process instead.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -199,6 +207,19 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def measure_apart(name: str, size: str, rounds: int, stream: int) -> Row:
+    """`measure` in a child process (this script with --in-process and one example)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--in-process", "--only", name, "--size", size,
+               "--rounds", str(rounds), "--stream", str(stream), "--json", out]
+        if subprocess.run(cmd).returncode:
+            raise SystemExit(f"measuring {name} failed (its error is above): {' '.join(cmd)}")
+        with open(out) as f:
+            row = json.load(f)[0]
+    return Row(**{**row, "input_shape": tuple(row["input_shape"])})
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("small", "full"), default="full")
@@ -208,6 +229,9 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--stream", type=int, default=10,
                         help="at most this many steps in a row per round and step form (default 10)")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every example in this process (default: a process each)")
+    parser.add_argument("--json", metavar="FILE", help=argparse.SUPPRESS)   # a child's rows
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(EXAMPLES))
@@ -216,11 +240,18 @@ def main(argv=None) -> list[Row]:
     torch.set_num_threads(1)
     rows = []
     for name in names:
-        log(f"{name} ({args.size}) ...")
-        rows.append(measure(name, args.size, args.rounds, args.stream))
+        if args.in_process:
+            log(f"{name} ({args.size}) ...")
+        run = measure if args.in_process else measure_apart
+        rows.append(run(name, args.size, args.rounds, args.stream))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f)
+        return rows
     print(f"cocompile {cocompile.__version__}, torch {torch.__version__}, 1 thread, batch 1, "
           f"median of {args.rounds} interleaved rounds (per round: the clip once, then each step "
-          f"form for min({args.stream}, T / step_frames) steps in a row)")
+          f"form for min({args.stream}, T / step_frames) steps in a row), "
+          f"{'all examples in one process' if args.in_process else 'each example in a process of its own'}")
     print(format_table(rows))
     if args.plot and plot(rows, args.plot):
         print(f"plot: {args.plot}")
