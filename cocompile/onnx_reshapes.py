@@ -11,8 +11,8 @@
 3. Likewise a Reshape that splits axis 0 after a Concat along another axis goes before each of the
    Concat's inputs (reshape_before_concat): a delay's FIFO is its kept frames and the new ones
    concatenated into the state output. Rewrites 2 and 3 repeat until neither applies, so a Reshape
-   moved above a Concat goes on above the Slice that feeds it and meets the state input's Reshape
-   (rewrite 1 then makes the pair one Reshape, or none).
+   moved above a Concat goes on above the Slice that feeds it, up to the state input's own Reshape
+   (two Reshapes in a row: no copy).
 
 The eager step changes layouts with views, which cost nothing (a channels-last matrix product's
 output read as NCHW, then regrouped for the next product). The ONNX exporter writes every permute
@@ -32,8 +32,8 @@ BATCHES = (2, 3)
 
 
 def tidy_reshapes(graph, batch) -> int:
-    """Both rewrites on `graph` (onnx_graphsurgeon), in place; `batch` is the name of the batch
-    axis, or the fixed batch size. Returns how many places changed."""
+    """The rewrites on `graph` (onnx_graphsurgeon), in place, until no Reshape moves; `batch` is
+    the name of the batch axis, or the fixed batch size. Returns how many places changed."""
     total = 0
     while True:
         shapes = _Shapes(graph, batch)
