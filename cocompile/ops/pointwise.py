@@ -26,6 +26,11 @@ def join(an, node, args: list, out_dim_of, contracted=()) -> TimeInfo:
     dims = {out_dim_of(a, i) for a, i in times}
     if len(dims) > 1 or any((i.outer, i.inner, i.length) != (first.outer, first.inner, first.length)
                             for _, i in times):
+        if all(i.length == 1 for _, i in times):
+            raise Refusal("a single frame of the example clip reaches this join, so the views before "
+                          "it cannot tell its time axis from their other axes of size 1 (the "
+                          "branches place it on different axes)",
+                          "compile with a longer example clip, so that 2 or more frames reach every op")
         raise Refusal("the inputs of this join carry time on different axes or with different "
                       "lengths", "make both branches produce the same frames in the same layout")
     if len({i.rate for _, i in times}) > 1:
