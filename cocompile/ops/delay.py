@@ -59,8 +59,8 @@ def _fifo(fifo: torch.Tensor, x: torch.Tensor, t: int, frames: int, flush: int |
     """(the frames that leave: the first n of fifo + x, the FIFO after them) on axis t, where n is
     x's frame count (when flushing: `flush` frames, and no FIFO after). When x has no more frames
     than the FIFO, the leaving frames are read from the FIFO and only the kept ones are
-    concatenated: a backend that copies every slice (onnxruntime) then writes 2 frames per FIFO
-    frame instead of 2 (frames + n)."""
+    concatenated: a backend that copies every slice (onnxruntime) then writes 2·frames frames per
+    step instead of 2·(frames + n)."""
     if flush is not None:                        # (no FIFO after the flush)
         return cat_frames(fifo, x, t).narrow(t, 0, flush), None
     n = x.shape[t]
