@@ -101,8 +101,8 @@ def reshape_before_slice(graph, shapes: _Shapes) -> int:
         sl = node.inputs[0].inputs[0] if node.op == "Reshape" and node.inputs[0].inputs else None
         if sl is None or sl.op != "Slice" or not _is_link(node):
             continue
-        others = [n for n in sl.outputs[0].outputs if n is not node]
-        if others and node.outputs[0] not in graph.outputs:
+        read_too = any(n is not node for n in sl.outputs[0].outputs) or sl.outputs[0] in graph.outputs
+        if read_too and node.outputs[0] not in graph.outputs:
             continue                # (the Slice's value is needed anyway: nothing to gain)
         consts = [t.values if isinstance(t, gs.Constant) else None for t in sl.inputs[1:]]
         if any(c is None for c in consts) or len(consts) < 3:
@@ -125,7 +125,7 @@ def reshape_before_slice(graph, shapes: _Shapes) -> int:
                                    name=f"{out.name}_unsliced"))
         graph.nodes.append(gs.Node("Slice", inputs=[folded, *sl.inputs[1:3], *moved, *sl.inputs[4:]],
                                    outputs=[out], name=f"{out.name}_slice"))
-        if others:                  # they read the output folded back (a Reshape of it: no copy)
+        if read_too:                # other readers get the output folded back (a Reshape of it)
             fold = np.array([-1, *shapes.of(sliced.name)[0][1:]], dtype=np.int64)
             merged = gs.Constant(f"{out.name}_folded_shape", fold)
             graph.nodes.append(gs.Node("Reshape", inputs=[out, merged], outputs=[sliced],
@@ -141,15 +141,16 @@ def reshape_before_concat(graph, shapes: _Shapes) -> int:
     count = 0
     for node in list(graph.nodes):
         cat = node.inputs[0].inputs[0] if node.op == "Reshape" and node.inputs[0].inputs else None
-        if cat is None or cat.op != "Concat" or not _is_link(node) or len(cat.outputs[0].outputs) != 1:
+        if cat is None or cat.op != "Concat" or not _is_link(node):
             continue
         out, joined = node.outputs[0], cat.outputs[0]
-        rank = len(shapes.of(joined.name)[0] or ())
-        axis = cat.attrs["axis"] % rank if rank else 0
+        if len(joined.outputs) != 1 or joined in graph.outputs or not shapes.of(joined.name)[0]:
+            continue                # (the Concat's value is needed anyway, or its shape is unknown)
+        axis = cat.attrs["axis"] % len(shapes.of(joined.name)[0])
         target = [int(d) for d in node.inputs[1].values]
         befores = [_split_first_axis(target, shapes.of(x.name), shapes.of(joined.name), [axis])
                    for x in cat.inputs]
-        if not rank or any(b is None for b in befores):
+        if any(b is None for b in befores):
             continue
         inputs = []
         for i, (x, before) in enumerate(zip(cat.inputs, befores)):

@@ -50,11 +50,14 @@ def _run(model, x):
 
 def _state_model(name, nodes, outputs, consts, also_read, read):
     """A step's state update: inputs state (b, 2, 3, 4) and x (b, 2, 1, 4), the persons folded into
-    the batch by the constants fold / fold_x and unfolded by unfold; with `also_read`, an output
-    more that sums the value `read` (a second reader of it)."""
-    if also_read:
+    the batch by the constants fold / fold_x and unfolded by unfold. The value `read` has a second
+    reader where `also_read` is "node" (a sum of it, an output more) or "output" (it is an output
+    itself)."""
+    if also_read == "node":
         nodes = nodes + [helper.make_node("ReduceSum", [read, "one"], [f"{read}_sum"], keepdims=0)]
         outputs = outputs + [helper.make_tensor_value_info(f"{read}_sum", TensorProto.FLOAT, [None, 4])]
+    elif also_read == "output":
+        outputs = outputs + [helper.make_tensor_value_info(read, TensorProto.FLOAT, [None, 3, 4])]
     inputs = [helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 2, 3, 4]),
               helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 1, 4])]
     folds = {"fold": [-1, 3, 4], "fold_x": [-1, 1, 4], "unfold": [-1, 2, 3, 4], "one": [1]}
@@ -100,11 +103,12 @@ def test_a_fixed_batch_gets_a_fixed_shape():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("also_read", [False, True])
+@pytest.mark.parametrize("also_read", [False, "node", "output"])
 def test_a_state_is_sliced_straight_into_its_output(also_read):
     """cat(state, new frame) along time, the oldest frame dropped (Slice), the persons folded into
     the batch unfolded again (Reshape into the output): the Reshape moves before the Slice. Where
-    the window is also read (a clip mean over it), that reader gets the output folded back."""
+    the window is also read (a clip mean over it, or an output), that reader gets the output
+    folded back."""
     nodes = [
         helper.make_node("Reshape", ["state", "fold"], ["s1"]),          # (b, 2, 3, 4) -> (2b, 3, 4)
         helper.make_node("Reshape", ["x", "fold_x"], ["x1"]),            # (b, 2, 1, 4) -> (2b, 1, 4)
@@ -125,12 +129,12 @@ def test_a_state_is_sliced_straight_into_its_output(also_read):
     _assert_same_outputs(model, out)
 
 
-@pytest.mark.parametrize("also_read", [False, True])
+@pytest.mark.parametrize("also_read", [False, "node", "output"])
 def test_a_fifo_is_concatenated_straight_into_its_output(also_read):
     """A delay's step: the leaving frame sliced from the state, the kept frames (another Slice)
     and the new frame concatenated, the persons unfolded again (Reshape into the output). The
     Reshape moves above the Concat and on above the kept frames' Slice; a Concat that something
-    else also reads stays as it is."""
+    else also reads (a node, or as an output) stays as it is."""
     nodes = [
         helper.make_node("Reshape", ["state", "fold"], ["s1"]),           # (b, 2, 3, 4) -> (2b, 3, 4)
         helper.make_node("Reshape", ["x", "fold_x"], ["x1"]),             # (b, 2, 1, 4) -> (2b, 1, 4)
