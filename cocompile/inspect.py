@@ -35,7 +35,7 @@ class Layer:
     window: str          # kernel/stride/padding/dilation along time ("clip" for clip reductions)
     form: str            # step form of a temporal conv (window / fold / partial; see conv_forms)
     lag: int             # input frames this value trails the stream (per-frame) or needs (clip)
-    rf: int              # receptive field in input frames
+    rf: int | float      # receptive field in input frames (math.inf behind a recurrent layer)
     state_bytes: int     # per stream
     flops_step: int
     flops_clip: int
@@ -171,7 +171,7 @@ def inspect(co: ContinualModel) -> Inspection:
         if not (window or state_bytes or step.get(node.name) or clip.get(node.name)):
             continue
         lag = info.lag() if isinstance(info, TimeInfo) else 0
-        rf = info.rf if isinstance(info, TimeInfo) else 0
+        rf = info.receptive_field if isinstance(info, TimeInfo) else 0    # inf: recurrent
         rows.append(Layer(module_path(node) or "<top>", op_name(node), window, _form(node), lag, rf,
                           state_bytes, int(step.get(node.name, 0)), int(clip.get(node.name, 0))))
     return Inspection(rows, co.step_frames, co.clip_length)

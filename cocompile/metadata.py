@@ -14,8 +14,9 @@ Validity rule (the same one `ContinualModel` and `cocompile.runtime` apply):
   positions along `time_axis`, e.g. a Transformer encoder's tokens), valid like a clip output;
 * "exactness": "exact", "padded" (temporal zero padding: sliding windows differ from fresh
   clips), "bounded" (causal attention over the whole clip: the stream keeps the last `horizon`
-  frames, equal to the model for the first `horizon` frames and bounded to them after), or
-  "approximate";
+  frames, equal to the model for the first `horizon` frames and bounded to them after),
+  "recurrent" (behind an RNN/GRU/LSTM: equal to the model on the whole stream; its
+  "receptive_field" is null, unbounded), or "approximate";
 * "static" outputs do not depend on the frames and are always valid.
 
 "batch" is null when the artifact serves any number of streams at once (the usual case), or the
@@ -28,6 +29,7 @@ one batch size it serves when the model pinned it (e.g. a reshape to a literal b
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from torch.utils import _pytree as pytree
@@ -47,6 +49,10 @@ EXACTNESS = {
               "offline model only after the end-of-clip flush (ContinualModel.flush, not part of "
               "the artifact); sliding windows deviate",
     "approximate": "depends on a causal approximation of a non-causal clip reduction",
+    "recurrent": "depends on a recurrent layer's hidden state, which carries every frame since the "
+                 "stream started (receptive field unbounded): per-frame outputs equal the model on "
+                 "the whole stream (E3); clip outputs equal the model on the clip at the clip's end, "
+                 "after the end-of-clip flush; sliding windows differ",
 }
 
 
@@ -89,6 +95,8 @@ def _exactness(info) -> str:
         return "approximate"
     if info.horizon:
         return "bounded"
+    if info.recurrent:
+        return "recurrent"
     return "padded" if info.per_step and info.padded else "exact"
 
 
@@ -108,14 +116,20 @@ def _output(name: str, info, shape, step_frames: int, batch: int | None) -> dict
     if info.kind == TIME:
         entry.update(time_axis=info.dim, rate=str(info.rate), rate_num=int(info.rate.p),
                      rate_den=int(info.rate.q), frames_per_step=info.frames_per_step(step_frames),
-                     warmup=int(info.warmup), receptive_field=int(info.rf), clip_frames=int(info.length))
+                     warmup=int(info.warmup), receptive_field=_frames(info.receptive_field),
+                     clip_frames=int(info.length))
     elif info.per_step:
-        entry.update(ready=int(info.ready), receptive_field=int(info.rf))
+        entry.update(ready=int(info.ready), receptive_field=_frames(info.receptive_field))
         if info.kind == WINDOW:
             entry.update(time_axis=info.dim, clip_frames=int(info.length))
     if info.horizon:
         entry.update(horizon=int(info.horizon))
     return entry
+
+
+def _frames(n) -> int | None:
+    """A frame count for JSON: null when unbounded (math.inf, behind a recurrent layer)."""
+    return None if n == math.inf else int(n)
 
 
 def _state(spec, batch: int | None) -> dict:
@@ -147,7 +161,7 @@ def metadata(co) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "versions": {"cocompile": cocompile_version(), "torch": torch.__version__},
         "step_frames": int(co.step_frames), "clip_length": int(co.clip_length),
-        "delay": int(co.delay), "receptive_field": int(co.receptive_field),
+        "delay": int(co.delay), "receptive_field": _frames(co.receptive_field),
         "approximate": co.approximate, "exact_sliding": co.exact_sliding,
         "inputs": [{"name": INPUT_NAME, "shape": chunk, "dtype": dtype_name(co.dtype),
                     "batch_axis": 0, "time_axis": co.time_dim}],

@@ -28,9 +28,11 @@ class ContinualModel(torch.nn.Module):
         self.frame_shape = tuple(s for i, s in enumerate(example.shape) if i not in (0, time_dim))
         self.dtype = example.dtype
         self.approximate = any(i.approx for i in out_infos)
-        self.exact_sliding = not any(i.padded for i in out_infos)   # E2 holds exactly
+        # E2 holds exactly: no temporal zero padding, no recurrence over the whole stream
+        self.exact_sliding = not any(i.padded or i.recurrent for i in out_infos)
         self.delay = max([i.lag() for i in out_infos if i.kind == TIME] + [0])
-        self.receptive_field = max([i.rf for i in out_infos if i.kind != "static"] + [1])
+        # input frames an output depends on; math.inf (unbounded) behind a recurrent layer
+        self.receptive_field = max([i.receptive_field for i in out_infos if i.kind != "static"] + [1])
         self._state = None
         self._frames_seen = 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -40,6 +41,9 @@ class TimeInfo:
     horizon > 0: depends on attention whose reach grows with the clip (a causal mask over the
             whole clip); the stream keeps the last `horizon` frames of keys, so it equals the
             model for the first `horizon` frames and is bounded to that window after.
+    recurrent  depends on a recurrence over every frame since the stream started (an RNN's
+            hidden state): its receptive field is unbounded (`rf` counts only the frames that
+            reach the recurrence), and sliding windows differ from fresh clips (no E2).
 
     >>> TimeInfo(TIME, dim=2, length=16).moved(3).dim
     3
@@ -57,6 +61,7 @@ class TimeInfo:
     padded: bool = False
     approx: bool = False
     horizon: int = 0
+    recurrent: bool = False
 
     @property
     def is_time(self) -> bool:
@@ -74,6 +79,11 @@ class TimeInfo:
     @property
     def merged(self) -> bool:
         return self.outer != 1 or self.inner != 1
+
+    @property
+    def receptive_field(self) -> int | float:
+        """Input frames one value depends on: `rf`, or math.inf for a recurrent value."""
+        return math.inf if self.recurrent else self.rf
 
     def moved(self, dim: int) -> "TimeInfo":
         return dataclasses.replace(self, dim=dim)
@@ -113,7 +123,7 @@ def static_like(*infos: TimeInfo) -> TimeInfo:
         return STATIC_INFO
     return TimeInfo(CLIP, ready=max(c.ready for c in clips), rf=max(c.rf for c in clips),
                     padded=any(c.padded for c in clips), approx=any(c.approx for c in clips),
-                    horizon=max(c.horizon for c in clips))
+                    horizon=max(c.horizon for c in clips), recurrent=any(c.recurrent for c in clips))
 
 
 def reads_time(node, kinds=(TIME,)) -> bool:

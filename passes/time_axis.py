@@ -202,7 +202,8 @@ def _as_window(out, windows: list) -> TimeInfo | tuple:
         return tuple(None if o is None else _as_window(o, windows) for o in out)
     # an op on whole windows reads nothing outside them: its receptive field is theirs
     common = dict(ready=max(w.ready for w in windows), padded=any(w.padded for w in windows),
-                  approx=any(w.approx for w in windows), horizon=max(w.horizon for w in windows))
+                  approx=any(w.approx for w in windows), horizon=max(w.horizon for w in windows),
+                  recurrent=any(w.recurrent for w in windows))
     rf = max(w.rf for w in windows)
     if isinstance(out, TimeInfo) and out.kind in (TIME, WINDOW):
         return out.replace(kind=WINDOW, rf=rf, **common)

@@ -30,7 +30,7 @@ class ClipWindow:
     def time(an, arg) -> TimeInfo:
         w = ClipWindow.window(an, arg)
         return TimeInfo(CLIP, ready=w.ready, rf=w.rf, padded=w.padded, approx=w.approx,
-                        horizon=w.horizon)
+                        horizon=w.horizon, recurrent=w.recurrent)
 
     @staticmethod
     def window(an, arg) -> TimeInfo:

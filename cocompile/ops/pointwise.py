@@ -53,7 +53,8 @@ def join(an, node, args: list, out_dim_of, contracted=()) -> TimeInfo:
         an.aligned(a, warmup)
     return first.replace(dim=k, warmup=warmup, rf=max(i.rf for _, i in times + [(None, c) for c in clips]),
                          padded=any(i.padded for _, i in infos), approx=bool(clips) or any(i.approx for _, i in infos),
-                         horizon=max(i.horizon for _, i in infos))
+                         horizon=max(i.horizon for _, i in infos),
+                         recurrent=any(i.recurrent for _, i in infos))
 
 
 def _by_position(an, node, times, positional, k) -> TimeInfo:
@@ -70,7 +71,8 @@ def _by_position(an, node, times, positional, k) -> TimeInfo:
     windows = [an.convert(a, "window") for a, _ in times]
     return windows[0].replace(dim=k, ready=max(w.ready for w in windows),
                               rf=max(w.rf for w in windows),
-                              padded=any(w.padded for w in windows))
+                              padded=any(w.padded for w in windows),
+                              recurrent=any(w.recurrent for w in windows))
 
 
 def _size_at(arg, node, k: int) -> int:
