@@ -10,6 +10,7 @@ from torch.export import Dim, export
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError
+from .ops.recurrent import shapes_only
 
 
 @dataclass
@@ -53,7 +54,8 @@ def capture(model, example: torch.Tensor, time_dim: int,
     except NotImplementedError:                   # ExportedProgram.module(): already inference
         pass
     try:
-        ep, dynamic = _export(model, example)
+        with shapes_only():             # RNNs' fake values from shapes, not frame by frame
+            ep, dynamic = _export(model, example)
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -10,6 +10,7 @@ from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.fold_constants import fold_constants
 from cocompile.passes.fold_positions import fold_positions
 from cocompile.passes.fuse_attention import fuse_attention
+from cocompile.passes.fuse_cell_loops import fuse_cell_loops
 from cocompile.passes.hoist_affine_tail import hoist_affine_tails
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
@@ -65,6 +66,8 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     fold_positions(cap.gm, cap.input_name)
     # rewrite: values computed from constants only (weight slices, projected tables) computed once
     fold_constants(cap.gm, cap.consts, cap.input_name)
+    # rewrite: a loop of RNN cells over the frames becomes one recurrent layer (state: its hidden state)
+    fuse_cell_loops(cap.gm, cap.input_name)
     inputs = {cap.input_name: time_dim}
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
     TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()

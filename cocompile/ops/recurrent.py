@@ -19,11 +19,14 @@ Bidirectional layers read the whole clip backwards and are refused, as is traini
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._C import DispatchKey
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..errors import Refusal
 from ..timeinfo import CLIP, STATIC, TimeInfo
@@ -214,6 +217,40 @@ class Recurrent(OpRule):
         pos = frame_positions(ctx, info.rate, n, rows)
         return Masks(pos < info.warmup if info.warmup > 0 else None,
                      None if zero else pos == info.warmup)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within this context torch's recurrent layers compute fake tensors (torch.export's values)
+    from their arguments' shapes alone. Otherwise torch computes them with its Python
+    decomposition, one op per frame and layer, each slow with a symbolic batch (a 2-layer GRU
+    over 256 frames: minutes). Real tensors and the captured graph (the op, whole) are unchanged.
+
+    >>> with shapes_only():
+    ...     ep = torch.export.export(model, (clip,))
+    """
+    keys = (DispatchKey.CompositeImplicitAutograd, DispatchKey.Autograd)
+    saved = {(op, k): op.py_kernels[k] for op in GATES for k in keys if k in op.py_kernels}
+    for (op, k), kernel in saved.items():
+        op.py_kernels[k] = _shapes(kernel)
+        op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        for (op, k), kernel in saved.items():
+            op.py_kernels[k] = kernel
+            op._dispatch_cache.clear()
+
+
+def _shapes(kernel):
+    """`kernel`, except on fake tensors: outputs shaped as the op's (y, then each initial state's)."""
+    def run(input, hx, *rest):
+        if not isinstance(input, FakeTensor):
+            return kernel(input, hx, *rest)
+        hs = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+        width = hs[0].shape[-1] * (2 if rest[5] else 1)          # rest[5]: bidirectional
+        return (input.new_empty((*input.shape[:-1], width)), *(h.new_empty(h.shape) for h in hs))
+    return run
 
 
 @register_op(aten.gru_cell.default, aten.lstm_cell.default, aten.rnn_tanh_cell.default,
