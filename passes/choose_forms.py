@@ -91,8 +91,8 @@ class _Site:
 def _site(node, step_frames: int) -> _Site | None:
     """The node as a temporal convolution, or None."""
     rule = rule_for(node.target) if node.op == "call_function" else None
-    if not isinstance(rule, Convolution) or not reads_time(node):
-        return None
+    if not isinstance(rule, Convolution) or not reads_time(node) or rule.transposed(node):
+        return None                              # (transposed convs step by overlap-add only)
     x = node.args[0].meta.get(META)
     if not isinstance(x, TimeInfo) or not x.is_time or x.merged or x.dim < 2:
         return None

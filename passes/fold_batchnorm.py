@@ -3,7 +3,8 @@ affine map.
 
 Invariant left behind: no `batch_norm` reads a convolution that has no other user and constant
 weights; that convolution carries the folded weight W·γ/√(σ²+ε) and bias (b−μ)·γ/√(σ²+ε)+β as new
-constants. Every other eval BatchNorm with constant statistics is `x * scale + shift`, two
+constants (a transposed convolution too: its weight is scaled per output channel, which is its
+axis 1 within each group). Every other eval BatchNorm with constant statistics is `x * scale + shift`, two
 pointwise ops with per-channel constants computed here once: they keep the layout of whatever
 feeds them (a channels-last step stays channels-last, and exporters' layout optimisers move
 transposes through them), where batch_norm wants its channels on axis 1. The graph computes the
@@ -17,7 +18,8 @@ from torch import fx
 from cocompile.ops.schema import bind
 
 aten = torch.ops.aten
-CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default) + TRANSPOSED
 
 
 def _const(node, consts: dict):
@@ -45,6 +47,16 @@ def _scale_shift(b: dict, consts: dict):
     gamma, beta, mean, var = stats
     scale = torch.rsqrt(var + b["eps"]) * (gamma if gamma is not None else 1)
     return scale, (beta if beta is not None else 0) - mean * scale
+
+
+def _scaled(weight: torch.Tensor, scale: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
+    """The weight with each output channel's filter times its scale. A convolution's weight holds
+    output channels on axis 0; a transposed convolution's is (Cin, Cout/groups, ...), output
+    channel o of group i being (i*Cin/groups + any input channel, o - i*Cout/groups)."""
+    if not transposed:
+        return weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
+    w = weight.unflatten(0, (groups, -1))                       # (groups, Cin/g, Cout/g, ...)
+    return (w * scale.view(groups, 1, -1, *[1] * (weight.dim() - 2))).flatten(0, 1)
 
 
 def _as_affine(gm: fx.GraphModule, consts: dict, bn: fx.Node) -> int:
@@ -90,13 +102,14 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
         c = bind(conv.target, conv.args, conv.kwargs)
         weight, bias = _const(c["weight"], consts), _const(c.get("bias"), consts)
         affine = _scale_shift(b, consts)
-        if affine is None or b["weight"] is None or b["bias"] is None or c.get("transposed") \
+        if affine is None or b["weight"] is None or b["bias"] is None \
                 or weight is None or (c.get("bias") is not None and bias is None):
             folded += _as_affine(gm, consts, bn)
             continue
         scale, shift = affine
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        new_w = _new_const(gm, consts, f"{c['weight'].name}_bnfold", weight * scale.view(shape), c["weight"])
+        transposed = conv.target in TRANSPOSED or bool(c.get("transposed"))
+        new_w = _new_const(gm, consts, f"{c['weight'].name}_bnfold",
+                           _scaled(weight, scale, transposed, int(c["groups"])), c["weight"])
         new_b = _new_const(gm, consts, f"{b['bias'].name}_bnfold",
                            (bias * scale if bias is not None else 0) + shift, b["bias"])
         args = list(conv.args)

@@ -61,3 +61,46 @@ def test_compiled_model_with_folded_batchnorm_is_exact():
     assert not any(n.target is torch.ops.aten.batch_norm.default and "a." in str(n.meta.get("nn_module_stack"))
                    for n in co.program.gm.graph.nodes)
     assert cocompile.verify(model, co, clip).passed
+
+
+class Upsampler(nn.Module):
+    """Transposed convs (grouped, along time and other axes) followed by BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.ConvTranspose3d(4, 6, (4, 3, 3), stride=(2, 1, 1), padding=1, groups=2)
+        self.bn1 = bn(6)
+        self.up2 = nn.ConvTranspose3d(6, 6, (3, 1, 1), padding=(1, 0, 0), groups=3, bias=False)
+        self.bn2 = bn(6)
+
+    def forward(self, x):
+        return self.bn2(self.up2(torch.relu(self.bn1(self.up1(x)))))
+
+
+def _as_convolution(gm):
+    """conv_transpose3d nodes rewritten as aten.convolution(transposed=True), the form some
+    export paths give."""
+    from cocompile.ops.upsample import transposed_args
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.conv_transpose3d.input:
+            a = transposed_args(node)
+            node.target = torch.ops.aten.convolution.default
+            node.args = (a["input"], a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"], True,
+                         a["output_padding"], a["groups"])
+    gm.recompile()
+
+
+def test_folds_batchnorm_into_grouped_transposed_convs():
+    torch.manual_seed(2)
+    model = Upsampler().eval()
+    x = torch.randn(2, 4, 4, 3, 3)
+    for as_convolution in (False, True):
+        cap = capture(model, x[:1], 2)
+        if as_convolution:
+            _as_convolution(cap.gm)
+        assert fold_batchnorm(cap.gm, cap.consts) == 2
+        assert not [n for n in cap.gm.graph.nodes if n.target in (torch.ops.aten.batch_norm.default,
+                                                                  torch.ops.aten.mul.Tensor)]
+        torch.testing.assert_close(run(cap, x)[0], model(x), rtol=1e-5, atol=1e-5)
+    co = cocompile.compile(model, x[:1], trace=False)
+    assert cocompile.verify(model, co, x).passed

@@ -27,7 +27,7 @@ from .clip import ClipWindow
 from .conv_forms import (ROWS_FORMS, ConvGeometry, channels_first_mm, fold, fold_rows, form_of, from_rows, partial,
                          partial_rows, prepare, rows_shape, time_pointwise, to_rows)
 from .frames import cat_frames, frames_shape, last_frames, stream_axis
-from .registry import OpRule, register_op
+from .registry import OpRule, register_op, rule_for
 from .schema import bind, call
 
 aten = torch.ops.aten
@@ -85,9 +85,10 @@ class WindowRule(OpRule):
         """What the op's own padding holds."""
         return 0.0
 
-    def exclude_pad(self, node) -> bool:
-        """Whether the op's divisor leaves padding out (average pooling)."""
-        return False
+    def counted_padding(self, node, win: Window) -> int | None:
+        """Where the op divides by the frames its window covers (average pooling): how many
+        padding frames at each end the divisor counts (0: only real frames). None: no divisor."""
+        return None
 
     def separable(self, node, x: TimeInfo):
         """(axes, op) when this clip reduction is `op` over time and `axes`, which can then be
@@ -188,18 +189,22 @@ class WindowRule(OpRule):
     def _masked(self, node, args, buf, d, p, x_info, ctx, win):
         """Run on `buf` with the op's own padding frames holding what its padding holds: zero
         (the zero state, and zero_padding_frames) needs nothing more; max pooling's -inf and the
-        divisor of averages that leave padding out are placed from the stream position."""
-        fill, exclude = self.pad_value(node), self.exclude_pad(node)
-        if not (exclude or (fill != 0.0 and win.left > 0)):
+        divisor of averages are placed from the stream position. The divisor leaves out what
+        the op does not count: padding without count_include_pad, and in the flush the frames
+        past the end padding that a ceil_mode window reaches."""
+        fill, margin = self.pad_value(node), self.counted_padding(node, win)
+        divide = margin == 0 or (margin is not None and ctx.mode == "flush")
+        if not (divide or (fill != 0.0 and win.left > 0)):
             return self.run_step(node, args, buf, d, ctx)   # (the flush appends its own right padding)
-        pad = padding_frames(ctx, x_info, -p.state, buf.shape[d], buf.shape[0])
-        view = [pad.shape[0]] + [1] * (buf.dim() - 1)
-        view[d] = buf.shape[d]
+        rows, n = buf.shape[0], buf.shape[d]
+        view = [rows] + [1] * (buf.dim() - 1)
+        view[d] = n
         if fill != 0.0:
-            buf = torch.where(pad.view(view), fill, buf)
+            buf = torch.where(padding_frames(ctx, x_info, -p.state, n, rows, view), fill, buf)
         out = self.run(node, args, buf, d)
-        if exclude:                              # the step ran without time padding: k frames
-            real = (~pad).to(buf.dtype).unfold(1, win.kernel, win.stride).sum(-1)
+        if divide:                               # the step ran without time padding: k frames
+            uncounted = padding_frames(ctx, x_info, -p.state, n, rows, margin=margin)
+            real = (~uncounted).to(buf.dtype).unfold(1, win.kernel, win.stride).sum(-1)
             view[d] = real.shape[1]
             out = out * (win.kernel / real).view(view)
         return out
@@ -213,14 +218,16 @@ def zero_padding_frames(ctx, x_info: TimeInfo, x: torch.Tensor, d: int) -> torch
     return torch.where(pad, 0.0, x)      # not a product: warm-up frames may hold inf
 
 
-def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int, view=None) -> torch.Tensor:
-    """[rows, n] mask (or the same viewed as `view`) of the frames of a buffer that come before the
-    value's offline frame 0 (or, in the flush, after its last); the buffer starts `offset` frames
-    after the chunk's first. rows = batch * k where the model folds k rows per stream into axis 0."""
+def padding_frames(ctx, x_info: TimeInfo, offset: int, n: int, rows: int, view=None,
+                   margin: int = 0) -> torch.Tensor:
+    """[rows, n] mask (or the same viewed as `view`) of the frames of a buffer that come more than
+    `margin` frames before the value's offline frame 0 (or, in the flush, after its last); the
+    buffer starts `offset` frames after the chunk's first. rows = batch * k where the model folds
+    k rows per stream into axis 0."""
     pos = frame_positions(ctx, x_info.rate, n, rows, view)
     shift = offset - x_info.warmup                   # the mask is pos + shift < 0, compared as is
-    pad = pos < -shift
-    return pad | (pos >= x_info.length - shift) if ctx.mode == "flush" else pad
+    pad = pos < -shift - margin
+    return pad | (pos >= x_info.length - shift + margin) if ctx.mode == "flush" else pad
 
 
 def frame_positions(ctx, rate, n: int, rows: int, view=None) -> torch.Tensor:
@@ -287,16 +294,19 @@ class Convolution(WindowRule):
             a["padding"] = _same_padding(a["padding"], node, n, a["dilation"])
         return a
 
+    def transposed(self, node) -> bool:
+        """aten.convolution with transposed=True: an upsampling, handed over to its own rule."""
+        return bool(self.conv_args(node)["transposed"])
+
     def window(self, node, d):
         a = self.conv_args(node)
+        if a["transposed"]:
+            return _upsampling_rule().window(node, d)
         if d == 0:
             return None
         if d == 1:
             raise Refusal("convolution over an axis that holds time as channels mixes frames",
                           "pass time_dim= the axis that is time, and keep it out of the channel axis")
-        if a["transposed"]:
-            raise Refusal("transposed convolution (upsampling) along time is not supported",
-                          "upsample along time with repeat_interleave of a per-frame value instead")
         j, kernel = d - 2, int(node.args[1].meta["val"].shape[d])
         pad = _entry(a["padding"], j, 0)
         return Window(kernel, _entry(a["stride"], j, 1), _entry(a["dilation"], j, 1), pad, pad)
@@ -317,7 +327,14 @@ class Convolution(WindowRule):
                             int(w.shape[1]) * int(a["groups"]), int(w.shape[0]), frames, state, pointwise,
                             win.left)
 
+    def time(self, node, an):
+        if self.transposed(node):
+            return _upsampling_rule().time(node, an)
+        return super().time(node, an)
+
     def states(self, node, an):
+        if self.transposed(node):
+            return _upsampling_rule().states(node, an)
         form, d = form_of(node).name, an.info(node.args[0]).dim
         if form.startswith("partial"):
             out, g = _main(node.meta[META]), self.geometry(node, d)
@@ -332,6 +349,8 @@ class Convolution(WindowRule):
         return {"window": spec}
 
     def step(self, node, args, kwargs, ctx):
+        if self.transposed(node):
+            return _upsampling_rule().step(node, args, kwargs, ctx)
         x_info = ctx.info(node.args[0])
         form = form_of(node).name
         if self._window(node, x_info) is None:
@@ -415,6 +434,11 @@ class Convolution(WindowRule):
                                         a["dilation"], a["transposed"], a["output_padding"], a["groups"])
 
 
+def _upsampling_rule():
+    """The rule of transposed convolutions (ops/upsample.py, which builds on this module)."""
+    return rule_for(aten.conv_transpose1d.default)
+
+
 class _StateAs:
     """A step context whose state of `node` reads through `convert` (the flush of rows forms)."""
 
@@ -456,11 +480,7 @@ class Pool(WindowRule):
         stride = list(self.arg(node, "stride") or []) or kernel
         dil = list(self.arg(node, "dilation") or [1])
         pad = _entry(self.arg(node, "padding"), j, 0)
-        win = Window(_entry(kernel, j, 1), _entry(stride, j, 1), _entry(dil, j, 1), pad, pad)
-        if self.arg(node, "ceil_mode") and win.kernel * win.stride > 1:
-            raise Refusal("ceil_mode pooling along time depends on where the clip ends",
-                          "use ceil_mode=False, or pad the clip explicitly")
-        return win
+        return Window(_entry(kernel, j, 1), _entry(stride, j, 1), _entry(dil, j, 1), pad, pad)
 
     def separable(self, node, x):
         """Pooling whose kernel covers every pooled axis whole, without padding, is a mean (max)
@@ -485,17 +505,31 @@ class Pool(WindowRule):
         for key in ("stride", "padding", "dilation"):
             if key in values and len(values[key]) == 1:
                 values[key] = list(values[key]) * nk
-        if d is not None:
-            values["padding"] = _with(values["padding"], d - (buf.dim() - nk), 0, nk)
-        return call(node.target, values)
+        if d is None:
+            return call(node.target, values)
+        values["padding"] = _with(values["padding"], d - (buf.dim() - nk), 0, nk)
+        out = call(node.target, values)
+        if not values.get("ceil_mode"):
+            return out
+        # ceil_mode may add a window that runs past the buffer: only whole windows are final
+        # here (the flush pads the buffer so that its last, partial window is whole)
+        win = self.window(node, d)
+        whole = (buf.shape[d] - win.extent) // win.stride + 1
+        if isinstance(out, tuple):
+            return tuple(o.narrow(d, 0, whole) for o in out)
+        return out.narrow(d, 0, whole)
 
 
 @register_op(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
 class AvgPool(Pool):
     reduce = aten.mean.dim
 
-    def exclude_pad(self, node):
-        return not self.arg(node, "count_include_pad") and self.arg(node, "divisor_override") is None
+    def counted_padding(self, node, win):
+        """torch divides by the frames a window covers, counting the padding (not the frames a
+        ceil_mode window reaches past it) with count_include_pad, else only real frames."""
+        if self.arg(node, "divisor_override") is not None:
+            return None
+        return win.left if self.arg(node, "count_include_pad") else 0
 
     def frame_mean(self, node, x):
         """A pool over exactly the clip's frames (no padding along time, no divisor override):
