@@ -5,6 +5,9 @@
 `ideal` is what a perfectly incremental model would spend per step: the clip's FLOPs times the
 fraction of the clip that one step brings in (step_frames / T). A ratio near 1 means the step
 recomputes nothing it has seen before; the head that runs once per step is the usual excess.
+Recurrent layers count on both sides: torch.utils.flop_counter sees the offline nn.GRU / nn.LSTM
+as the matrix products of their decomposition (input and hidden projections of every frame), as
+it sees the step's own products.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn")
+EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "crnn", "kws_lstm")
 
 
 @dataclass(frozen=True)
