@@ -1,11 +1,13 @@
-"""The `cocompile` command (DESIGN.md §8). Exit codes: 0 ok, 1 verification failed, 2 usage/input error.
+"""The `cocompile` command (docs/design.md, "CLI"). Exit codes: 0 ok, 1 verification failed,
+2 usage/input error.
 
     cocompile MODEL --out co_model.onnx [--input-shape 1,3,16,112,112] [--time-dim 2] [--step-frames C]
                                         [--approximate] [--no-verify] [--trust-pickle] [--weights FILE]
     cocompile inspect MODEL             per-layer table: window, lag, receptive field, state, FLOPs
     cocompile verify MODEL ARTIFACT     E1 of the model's compilation, E4 of the artifact
-    cocompile bench MODEL               step vs clip latency on one thread; eager, TorchScript and
-                                        onnxruntime steps side by side (--eager-only: skip those)
+    cocompile bench MODEL               step vs clip latency on one thread, each step form against
+                                        the clip in the same runtime: eager, TorchScript and
+                                        onnxruntime (--eager-only: eager alone)
 
 MODEL: a torch.export archive, `pkg.module:factory`, or (with --trust-pickle) a pickled module.
 """
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -25,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cocompile
 
+from . import bench
 from .errors import CompileError
 from .loading import InputError, load_artifact, load_model
 
@@ -36,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cocompile` script; returns (and exits with) the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
+    if command == "compile" and argv and _unknown_command(argv[0]):
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print(f"cocompile: error: unknown subcommand {argv[0]!r}"
+              + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; the subcommands are {', '.join(COMMANDS)}, and `cocompile MODEL --out FILE` "
+              "compiles MODEL", file=sys.stderr)
+        return USAGE
     try:
         args = _parser(command).parse_args(argv[1:] if command != "compile" else argv)
     except SystemExit as exit_:               # argparse already printed the usage and the reason
@@ -44,10 +56,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = {"compile": cmd_compile, "inspect": cmd_inspect, "verify": cmd_verify,
                 "bench": cmd_bench}[command](args)
-    except (InputError, CompileError) as err:
+    except InputError as err:
         print(f"cocompile: error: {err}", file=sys.stderr)
         code = USAGE
+    except CompileError as err:
+        print(f"cocompile: error: {cli_spelling(err)}", file=sys.stderr)
+        code = USAGE
     return code
+
+
+def _unknown_command(word: str) -> bool:
+    """A first argument that can be neither a subcommand nor a MODEL: no option, no existing
+    path, and not a pkg.module:factory (those have a ':'; files have a '.' or a '/')."""
+    return not word.startswith("-") and not any(c in word for c in ":./\\") and not os.path.exists(word)
+
+
+# The Python keywords that CompileError messages name, and the options that set the same thing
+# on the command line (the rules speak to compile()'s callers; the CLI's users type options).
+CLI_SPELLING = (
+    (re.compile(r"\bapproximate=True\b"), "--approximate"),
+    (re.compile(r"\bverify=False\b"), "--no-verify"),
+    (re.compile(r"\btime_dim=(-?\d+)"), r"--time-dim \1"),
+    (re.compile(r"\btime_dim=?"), "--time-dim"),
+    (re.compile(r"\bstep_frames=(\d+)"), r"--step-frames \1"),
+    (re.compile(r"\bstep_frames\b"), "--step-frames"),
+)
+
+
+def cli_spelling(err: CompileError) -> str:
+    """The error's message with its reason and fix in the CLI's spelling (the user's source line,
+    also part of the message, stays as written).
+
+    >>> cli_spelling(CompileError("x", hint="compile with approximate=True"))
+    'x\\n  fix:    compile with --approximate'
+    """
+    def spell(text):
+        for pattern, option in CLI_SPELLING:
+            text = pattern.sub(option, text) if text else text
+        return text
+    return str(CompileError(spell(err.reason), op=err.op, module=err.module, source=err.source,
+                            hint=spell(err.hint)))
 
 
 # -- arguments -------------------------------------------------------------------------------------
@@ -64,10 +112,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--triton-repo", metavar="DIR",
                        help="also write a Triton model repository for the .onnx artifact")
     if command == "bench":
-        p.add_argument("--steps", type=int, default=200, help="steps to time (default 200)")
+        p.add_argument("--steps", type=_positive, default=200,
+                       help="steps to time per runtime (default 200)")
         p.add_argument("--artifact", help="also time this ONNX artifact in onnxruntime")
         p.add_argument("--eager-only", action="store_true",
-                       help="skip timing the TorchScript and ONNX artifacts beside the eager step")
+                       help="time the eager step and clip only (no TorchScript, no onnxruntime)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,16,112,112 (batch first)")
     p.add_argument("--time-dim", type=int, default=None, help="axis of the frames (default 2)")
     p.add_argument("--step-frames", type=int, default=None, help="frames per step (default: smallest)")
@@ -76,6 +125,17 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="state dict for a pkg.module:factory MODEL (loaded weights-only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random verification clip")
     return p
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of steps")
+    return value
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -115,12 +175,33 @@ def _compile(args, time_dim: int | None = None, step_frames: int | None = None, 
     clip = _example(args, loaded, shape)
     td = args.time_dim if args.time_dim is not None else (time_dim if time_dim is not None else 2)
     t0 = time.perf_counter()
-    with phase("compiling"), _quiet_warnings():
-        co = cocompile.compile(loaded.model, clip, time_dim=td, approximate=args.approximate,
-                               step_frames=args.step_frames or step_frames)
+    try:
+        with phase("compiling"), _quiet_warnings():
+            co = cocompile.compile(loaded.model, clip, time_dim=td, approximate=args.approximate,
+                                   step_frames=args.step_frames or step_frames)
+    except CompileError as err:
+        if err.op is not None:                        # an op rule refused: the example ran
+            raise
+        raise (_example_mismatch(args, loaded.model, clip, shape) or err) from None
     if timings is not None:
         timings["compile"] = time.perf_counter() - t0
     return loaded, clip, co
+
+
+def _example_mismatch(args, model, clip, shape) -> InputError | None:
+    """An error naming the example's shape when the model cannot even run on it (wrong channels,
+    too few frames, ...), which is why torch.export failed; None if the model runs on it."""
+    try:
+        with torch.no_grad(), _quiet_warnings():
+            model(clip)
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward() on this input
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    origin = ("from --input-shape" if args.input_shape else
+              "from the artifact's metadata" if shape is not None else f"that {args.model} carries")
+    return InputError(f"the model does not run on the example input of shape {tuple(clip.shape)} "
+                      f"{origin}: {reason}; --input-shape sets the example's shape (batch first, "
+                      "e.g. the channels the model's first layer expects)")
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -191,95 +272,44 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Latency of one step vs one clip on one thread (and of the ONNX artifact, if given)."""
+    """Each step form against the clip in the same runtime, one thread (see cocompile.bench)."""
+    import tempfile
+
     torch.set_num_threads(1)
     timings = {}
     loaded, clip, co = _compile(args, timings=timings)
     model = loaded.model.eval()
-    chunk = clip.narrow(co.time_dim, 0, co.step_frames)
+    chunks = list(clip.split(co.step_frames, dim=co.time_dim))
     with torch.no_grad():
         t0 = time.perf_counter()
-        state = [co.step(chunk, co.initial_state(clip.shape[0]))[1]]    # traces the step graph
+        co.step(chunks[0], co.initial_state(clip.shape[0]))          # traces the step graph
         t_first = time.perf_counter() - t0
-        t_clip = _median_time(lambda: model(clip), max(3, min(20, args.steps // 10)))
-        t_step = _median_time(lambda: state.__setitem__(0, co.step(chunk, state[0])[1]), args.steps)
-    n = co.clip_length // co.step_frames
     print(f"compile {timings['compile']:.2f} s   first step {t_first:.2f} s (traces the step graph "
-          f"for batch {clip.shape[0]}; later steps reuse it)")
-    print(f"clip ({co.clip_length} frames): {t_clip * 1e3:.3f} ms   step ({co.step_frames} frames): "
-          f"{t_step * 1e3:.3f} ms   (1 thread, batch {clip.shape[0]})")
-    print(f"per new output: step {t_step * 1e3:.3f} ms vs re-running the clip {t_clip * 1e3:.3f} ms "
-          f"({t_clip / t_step:.1f}x); a whole clip by steps: {n * t_step * 1e3:.3f} ms", flush=True)
-    if not args.eager_only:
-        print(bench_forms(co, chunk, max(3, args.steps // 2), t_clip, args.artifact), flush=True)
+          f"for batch {clip.shape[0]}; later steps reuse it)", flush=True)
+    runtimes = [bench.RUNTIMES["eager"]] if args.eager_only else list(bench.RUNTIMES.values())
+    rounds = min(20, max(3, args.steps // 10))
+    stream = -(-args.steps // rounds)                 # --steps timed steps per runtime in all
+    given = {"onnxruntime": args.artifact} if args.artifact else None
+    with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing clip and step"):
+        latency = bench.measure(model, clip, co, chunks, rounds, stream, tmp, runtimes, given)
+    print(bench_table(co, clip, latency, rounds, stream), flush=True)
     if args.artifact:
-        print(bench_runtime(args.artifact, args.steps))
+        print(bench.stream_drift(args.artifact, args.steps))
     return OK
 
 
-def bench_forms(co, chunk: torch.Tensor, rounds: int, t_clip: float, onnx_path=None) -> str:
-    """The eager step, the TorchScript artifact and the ONNX artifact in onnxruntime side by side:
-    each steps its own stream; every round calls each once, in turn (so the machine's drift hits
-    all alike), after 3 untimed calls; medians over `rounds`. The artifacts are written to a
-    temporary folder (`onnx_path`, if given, is timed instead of a fresh ONNX export)."""
-    import tempfile
-
-    from cocompile.runtime import Session
-
-    n = len(co.out_infos)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_warnings():
-        with phase("exporting the step to TorchScript and ONNX to time them"):
-            script = load_artifact(co.export(os.path.join(tmp, "step.pt"))).run
-            sess = Session(onnx_path or co.export(os.path.join(tmp, "step.onnx")), threads=1)
-        x, batch = chunk.contiguous().numpy(), chunk.shape[0]
-        calls = {"eager": _stepper(lambda s: co.step(chunk, s)[1], co.initial_state(batch)),
-                 "TorchScript": _stepper(lambda s: script(chunk, *s)[n:], co.initial_state(batch)),
-                 "onnxruntime": _stepper(lambda s: sess.step(x, s)[1], sess.initial_state(batch))}
-        with torch.no_grad():
-            ms = {k: v * 1e3 for k, v in _interleaved(calls, rounds).items()}
-    times = "   ".join(f"{k} {v:.3f} ms ({t_clip * 1e3 / v:.1f}x)" for k, v in ms.items())
-    return (f"step, median of {rounds} interleaved rounds (x: clip / step): {times}; "
-            f"onnxruntime / eager {ms['onnxruntime'] / ms['eager']:.2f}, "
-            f"TorchScript / eager {ms['TorchScript'] / ms['eager']:.2f}")
-
-
-def bench_runtime(path: str, steps: int) -> str:
-    """onnxruntime step latency over a stream of `steps` steps from the zero state, one stream, one
-    thread (after 200 untimed warm-up steps). Reports the medians of the first and the last
-    thousand (or tenth) steps, measured twice: in sequence, and interleaved (a fresh stream and
-    the stream at its end step in turn), which cancels the machine's own drift in speed."""
-    import numpy as np
-
-    from cocompile.runtime import Session
-
-    sess = Session(path, threads=1)
-    x = np.random.default_rng(0).standard_normal((1, *sess.chunk_shape)).astype(sess.dtype)
-
-    def timed(state):
-        t0 = time.perf_counter()
-        _, state = sess.step(x, state)
-        return time.perf_counter() - t0, state
-
-    state = sess.initial_state(1)
-    for _ in range(200):
-        _, state = timed(state)
-    k = max(1, min(1000, steps // 10))
-    late, times = sess.initial_state(1), []
-    for _ in range(steps - k):
-        dt, late = timed(late)
-        times.append(dt)
-    early, pairs = sess.initial_state(1), []
-    for _ in range(k):
-        dt_early, early = timed(early)
-        dt_late, late = timed(late)
-        times.append(dt_late)
-        pairs.append((dt_early, dt_late))
-    first, last = float(np.median(times[:k])), float(np.median(times[-k:]))
-    e, lt = (float(np.median([p[i] for p in pairs])) for i in (0, 1))
-    name = os.path.basename(path)
-    return (f"onnxruntime {name}: {steps} steps; in sequence: median of steps 1-{k} {first * 1e3:.3f} ms, "
-            f"of steps {steps - k + 1}-{steps} {last * 1e3:.3f} ms ({(last / first - 1) * 100:+.1f}%); "
-            f"interleaved: {e * 1e3:.3f} ms vs {lt * 1e3:.3f} ms ({(lt / e - 1) * 100:+.1f}%)")
+def bench_table(co, clip, latency: dict, rounds: int, stream: int) -> str:
+    """The step against the clip per runtime, one line each."""
+    ideal = co.clip_length / co.step_frames
+    lines = [f"clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')} "
+             f"(ideal speedup {ideal:g}x); 1 thread, batch {clip.shape[0]}; each step against the "
+             f"clip in the same runtime, medians of {plural(rounds, 'interleaved round')} (each: "
+             f"the clip once, then {plural(stream, 'step')} in a row)",
+             f"{'runtime':<14}{'clip ms':>12}{'step ms':>12}  clip / step (of ideal)"]
+    for lat in latency.values():
+        lines.append(f"{lat.runtime:<14}{bench.ms_cell(lat.clip):>12}{bench.ms_cell(lat.step):>12}  "
+                     + bench.ratio_cell(lat, ideal))
+    return "\n".join(lines)
 
 
 # -- summary ---------------------------------------------------------------------------------------
@@ -291,9 +321,9 @@ def summary(loaded, clip, co, report, e4, out) -> str:
              "exact (E1)" + ("" if co.exact_sliding else "; sliding windows deviate (temporal zero padding)"))
     lines = [f"model     {loaded.source}",
              f"input     {tuple(clip.shape)} {str(clip.dtype).removeprefix('torch.')}, time axis "
-             f"{co.time_dim}, clip {co.clip_length} frames, step {co.step_frames} frame(s)",
-             f"delay     {co.delay} frames    receptive field {co.receptive_field} frames",
-             f"state     {len(co.specs)} tensors, {_bytes(state_bytes)} per stream",
+             f"{co.time_dim}, clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')}",
+             f"delay     {plural(co.delay, 'frame')}    receptive field {plural(co.receptive_field, 'frame')}",
+             f"state     {plural(len(co.specs), 'tensor')}, {_bytes(state_bytes)} per stream",
              f"FLOPs     {_num(step_flops)} per step vs {_num(clip_flops)} per clip "
              f"({step_flops / max(clip_flops, 1) * co.clip_length / co.step_frames:.2f}x the clip's share)",
              f"exactness {exact}"]
@@ -309,9 +339,9 @@ def summary(loaded, clip, co, report, e4, out) -> str:
 
 def _validity(info, c: int) -> str:
     if info.kind == "time":
-        return f"warm-up {info.warmup} frame(s), delay {info.lag()} input frames"
+        return f"warm-up {plural(info.warmup, 'frame')}, delay {plural(info.lag(), 'input frame')}"
     if info.kind in ("clip", "window"):
-        return f"valid after {info.ready} input frames ({-(-info.ready // c)} steps)"
+        return f"valid after {plural(info.ready, 'input frame')} ({plural(-(-info.ready // c), 'step')})"
     return "always valid"
 
 
@@ -364,35 +394,15 @@ def _quiet_warnings():
         yield
 
 
-def _stepper(step, state):
-    """A call that runs `state = step(state)`: one stream stepping on its own state."""
-    box = [state]
+def plural(n, word: str) -> str:
+    """`1 frame`, `2 frames`; an unbounded count (math.inf, behind a recurrent layer) is said so.
 
-    def call():
-        box[0] = step(box[0])
-    return call
-
-
-def _interleaved(calls: dict, rounds: int, warmup: int = 3) -> dict:
-    """{name: median seconds}: each round calls every fn once, in turn, after `warmup` untimed rounds."""
-    times = {k: [] for k in calls}
-    for i in range(warmup + rounds):
-        for k, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
-def _median_time(fn, n: int) -> float:
-    fn()                                      # warm-up
-    times = []
-    for _ in range(max(n, 1)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    >>> plural(1, "frame"), plural(0, "step"), plural(3, "input frame")
+    ('1 frame', '0 steps', '3 input frames')
+    """
+    if n == math.inf:
+        return f"unbounded ({word}s)"
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _bytes(n: float) -> str:

@@ -68,7 +68,8 @@ class Inspection:
                         f"{r.state_bytes:>11,}{r.flops_step:>15,}{r.flops_clip:>19,}")
         ideal = self.flops_clip * self.step_frames / self.clip_length
         rows.append("-" * len(head))
-        rows.append(f"total: {self.flops_step:,} FLOPs per step of {self.step_frames} frames vs "
+        rows.append(f"total: {self.flops_step:,} FLOPs per step of {self.step_frames} "
+                    f"frame{'s' * (self.step_frames != 1)} vs "
                     f"{self.flops_clip:,} per clip of {self.clip_length} "
                     f"(ideal {ideal:,.0f}; step/ideal {self.flops_step / ideal if ideal else 0:.3f}); "
                     f"state {self.state_bytes:,} bytes per stream")

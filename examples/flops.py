@@ -1,6 +1,6 @@
 """FLOPs of one continual step versus one offline clip, for every example.
 
-    python examples/flops.py [--size small|full]
+    python examples/flops.py [--size small|full] [--only x3d tcn]
 
 `ideal` is what a perfectly incremental model would spend per step: the clip's FLOPs times the
 fraction of the clip that one step brings in (step_frames / T). A ratio near 1 means the step
@@ -94,13 +94,25 @@ def table(size: str, names=EXAMPLES) -> list[tuple[str, FlopCount]]:
     return rows
 
 
+def format_flops(n: float) -> str:
+    """FLOPs with four significant digits in the unit that fits their size.
+
+    >>> format_flops(94_480_000), format_flops(756), format_flops(9.591e9)
+    ('94.48 M', '756', '9.591 G')
+    """
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n:.4g}"
+
+
 def format_table(rows) -> str:
-    """The FLOPs table as text (GFLOPs)."""
-    head = f"{'model':<16}{'T':>5}{'step':>6}{'clip GF':>11}{'step GF':>11}{'ideal GF':>11}{'ratio':>8}"
+    """The FLOPs table as text; each count in the unit that fits it (G, M, k)."""
+    head = f"{'model':<16}{'T':>5}{'step':>6}{'clip FLOPs':>13}{'step FLOPs':>13}{'ideal FLOPs':>13}{'ratio':>8}"
     lines = [head, "-" * len(head)]
     for label, f in rows:
-        lines.append(f"{label:<16}{f.clip_length:>5}{f.step_frames:>6}{f.clip / 1e9:>11.4f}"
-                     f"{f.step / 1e9:>11.4f}{f.ideal / 1e9:>11.4f}{f.ratio:>8.3f}")
+        lines.append(f"{label:<16}{f.clip_length:>5}{f.step_frames:>6}{format_flops(f.clip):>13}"
+                     f"{format_flops(f.step):>13}{format_flops(f.ideal):>13}{f.ratio:>8.3f}")
     return "\n".join(lines)
 
 

@@ -1,24 +1,28 @@
-"""Step latency of every example against re-running its clip, eager, TorchScript and onnxruntime.
+"""Step latency of every example against re-running its clip, in each runtime: eager, TorchScript, onnxruntime.
 
     python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--stream N] [--plot FILE.png]
 
-One table from one run, one thread, batch 1. Per example: the time `cocompile.compile` takes (and
-the first step, which traces the step graph); the latency of one step in three forms (the eager
-`co.step`, the TorchScript artifact `co.export("x.pt")` called as `module(x, *state)`, and the ONNX
-artifact in onnxruntime through `cocompile.runtime.Session(path, threads=1).step`) next to
-re-running the clip (`model(clip)`); each step's speedup over the clip, also as a share of the
-ideal `T / step_frames` (a step that brings in step_frames new frames of a T-frame clip can at best
-cost that fraction of the clip); FLOPs per clip and per step (`flops.cocompile_flops`, which counts
-Transformer encoders outside their fused fast path) and their ratio, which bounds the speedup where
-the step must redo work (attention over the window), and the state bytes per stream.
+Two tables from one run, one thread, batch 1. Each step form is compared with the offline clip run
+the same way (cocompile.bench): the eager `co.step` with `model(clip)`, the TorchScript artifact
+`co.export("x.pt")` with the model traced by `torch.jit.trace`, the ONNX artifact in
+`cocompile.runtime.Session(path, threads=1)` with the model exported by
+`torch.onnx.export(model, clip, dynamo=True)` and run in onnxruntime with the same session options.
+A runtime that cannot export the offline model shows why instead of a number.
 
-Timing is interleaved: after a few untimed warm-up calls, every round runs the clip once and then
-each step form for a stream of steps in a row, as a live stream calls it (one step per new chunk,
-back to back; the steps that bring in one clip's frames, at most `--stream`; a step's time is the
-mean over its stream), and the table shows the median
-over rounds, so that the drift of a shared machine hits all columns alike. Steps carry their state
-from round to round over the clip's chunks. `--stream 1` times one step right after each clip
-(the clip has just flushed the caches: the slowest case).
+The speedups table: per runtime, the clip's latency over the step's, also as a share of the ideal
+`T / step_frames` (a step that brings in step_frames new frames of a T-frame clip can at best cost
+that fraction of the clip), and the FLOPs ratio clip / step (`flops.cocompile_flops`, which counts
+Transformer encoders outside their fused fast path), which bounds the speedup where a step must
+redo work (attention over the window). The latencies table: compile time (and the first step,
+which traces the step graph), clip and step milliseconds per runtime, FLOPs, state bytes per stream.
+
+Timing is interleaved: after a few untimed calls, every round runs, runtime after runtime, the clip
+once and then the step for a stream of steps in a row, as a live stream calls it (one step per new
+chunk, back to back; the steps that bring in one clip's frames, at most `--stream`; a step's time is
+the mean over its stream), and the tables show the median over rounds, so that the drift of a
+shared machine hits all columns alike. Steps carry their state from round to round over the clip's
+chunks. `--stream 1` times one step right after each clip (the clip has just flushed the caches:
+the slowest case).
 
 Each example is measured in a Python process of its own (this script again, with `--in-process`
 and one example), as a deployment runs one model per process: what an example measures then does
@@ -35,16 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 import cocompile
-from bench_conv_stack import Stepper, interleaved
+from cocompile import bench
 from common import state_bytes
 from flops import cocompile_flops, import_example
-from torchscript_runner import load as load_torchscript
 
 # name: (example module, build() keyword arguments); the time axis is the module's TIME_DIM
 EXAMPLES = {
@@ -57,13 +59,12 @@ EXAMPLES = {
     "oadtr": ("oadtr", {}),
     "audio_transformer": ("audio_transformer", {}),
 }
-FORMS = ("eager", "TorchScript", "onnxruntime")
-WARMUP = 3
+RUNTIMES = tuple(bench.RUNTIMES)     # each a column group of both tables
 
 
 @dataclass
 class Row:
-    """One example's numbers; `ms` holds the median latency of "clip" and of each step form."""
+    """One example's numbers; `latency` holds, per runtime, the clip's and the step's medians."""
 
     name: str
     input_shape: tuple
@@ -71,7 +72,7 @@ class Row:
     step_frames: int
     compile_s: float
     first_step_s: float
-    ms: dict
+    latency: dict             # runtime -> bench.Latency (seconds)
     clip_flops: int
     step_flops: int
     state_bytes: int
@@ -81,21 +82,28 @@ class Row:
         """Speedup of a step that costs exactly its frames' share of the clip."""
         return self.clip_length / self.step_frames
 
-    def speedup(self, form: str) -> float:
-        return self.ms["clip"] / self.ms[form]
+    def speedup(self, runtime: str) -> float | None:
+        """The clip's latency over the step's, both in `runtime` (None: no clip there)."""
+        return self.latency[runtime].speedup
 
-    def share(self, form: str) -> float:
-        return self.speedup(form) / self.ideal
+    def share(self, runtime: str) -> float | None:
+        return self.latency[runtime].share(self.ideal)
 
     @property
     def flops_ratio(self) -> float:
         """Clip FLOPs over step FLOPs: the speedup the arithmetic alone allows."""
         return self.clip_flops / self.step_flops
 
+    @classmethod
+    def from_json(cls, row: dict) -> "Row":
+        latency = {k: bench.Latency(**v) for k, v in row["latency"].items()}
+        return cls(**{**row, "input_shape": tuple(row["input_shape"]), "latency": latency})
+
 
 # -- measuring -------------------------------------------------------------------------------------
 def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
-    """Compile one example, write its artifacts to a temporary folder and time everything."""
+    """Compile one example, write its artifacts and the offline model's exports to a temporary
+    folder, and time the clip and the step in every runtime."""
     module, kwargs = EXAMPLES[name]
     mod = import_example(module)
     model, clip = mod.build(size, **kwargs), mod.example_input(size)
@@ -109,73 +117,45 @@ def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
         first_step_s = time.perf_counter() - t0
     flops = cocompile_flops(model, co, clip)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = step_functions(model, clip, co, chunks, export(co, tmp), min(stream, len(chunks)))
-        with torch.no_grad():
-            for _ in range(WARMUP - 1):                       # interleaved() warms up once more
-                for fn in fns.values():
-                    fn()
-            seconds = interleaved(fns, rounds)
-    ms = {k: v * 1e3 for k, v in seconds.items()}
-    return Row(name, tuple(clip.shape), co.clip_length, co.step_frames, compile_s, first_step_s, ms,
-               flops.clip, flops.step, state_bytes(co))
-
-
-def export(co, folder: str) -> dict:
-    """{"TorchScript": path.pt, "onnxruntime": path.onnx}, written by co.export."""
-    paths = {"TorchScript": os.path.join(folder, "step.pt"),
-             "onnxruntime": os.path.join(folder, "step.onnx")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for path in paths.values():
-            t0 = time.perf_counter()
-            co.export(path)
-            log(f"  exported {os.path.basename(path)} in {time.perf_counter() - t0:.1f} s")
-    return paths
-
-
-def step_functions(model, clip, co, chunks, paths, stream: int) -> dict:
-    """The calls to time, each step form on its own state, `stream` steps per call: {"clip": ...,
-    "eager": ..., ...}."""
-    from cocompile.runtime import Session
-
-    script, meta = load_torchscript(paths["TorchScript"])
-    n_out = len(meta["outputs"])
-    sess = Session(paths["onnxruntime"], threads=1)
-    return {
-        "clip": lambda: model(clip),
-        "eager": Stepper(lambda x, s: co.step(x, s)[1], co.initial_state(1), chunks, stream),
-        "TorchScript": Stepper(lambda x, s: script(x, *s)[n_out:], co.initial_state(1), chunks, stream),
-        "onnxruntime": Stepper(lambda x, s: sess.step(x, s)[1], sess.initial_state(1),
-                               [c.numpy() for c in chunks], stream),
-    }
+        latency = bench.measure(model, clip, co, chunks, rounds, min(stream, len(chunks)), tmp,
+                                log=lambda text: log(f"  {text}"))
+    return Row(name, tuple(clip.shape), co.clip_length, co.step_frames, compile_s, first_step_s,
+               latency, flops.clip, flops.step, state_bytes(co))
 
 
 # -- reporting -------------------------------------------------------------------------------------
-COLUMNS = ("model", "input", "T / step", "compile s (+ first step)", "clip ms", "eager ms",
-           "TorchScript ms", "onnxruntime ms", "eager x (of ideal)", "TorchScript x",
-           "onnxruntime x", "ideal x", "GFLOPs clip / step", "FLOPs x", "state KiB")
+# A table is a list of columns, each (header, cell of a row); a runtime adds its own columns.
+def speedup_columns() -> list:
+    return [("model", lambda r: r.name),
+            ("input", lambda r: "x".join(map(str, r.input_shape[1:]))),
+            ("T / step", lambda r: f"{r.clip_length} / {r.step_frames}"),
+            ("ideal x", lambda r: f"{r.ideal:.0f}x"),
+            *((f"{rt} x (of ideal)", lambda r, rt=rt: bench.ratio_cell(r.latency[rt], r.ideal))
+              for rt in RUNTIMES),
+            ("FLOPs x", lambda r: f"{r.flops_ratio:.1f}x")]
 
 
-def cells(r: Row) -> list[str]:
-    """One table row as text."""
-    speed = [f"{r.speedup(f):.1f}x ({r.share(f):.0%})" for f in FORMS]
-    return [r.name, "x".join(map(str, r.input_shape[1:])), f"{r.clip_length} / {r.step_frames}",
-            f"{r.compile_s:.1f} (+ {r.first_step_s:.1f})", f"{r.ms['clip']:.2f}",
-            *(f"{r.ms[f]:.3f}" for f in FORMS), *speed, f"{r.ideal:.0f}x",
-            f"{r.clip_flops / 1e9:.4g} / {r.step_flops / 1e9:.4g}", f"{r.flops_ratio:.1f}x",
-            f"{r.state_bytes / 1024:.1f}"]
+def latency_columns() -> list:
+    per_runtime = [(f"{rt} {part} ms", lambda r, rt=rt, part=part:
+                    bench.ms_cell(getattr(r.latency[rt], part), 2 if part == "clip" else 3))
+                   for rt in RUNTIMES for part in ("clip", "step")]
+    return [("model", lambda r: r.name),
+            ("compile s (+ first step)", lambda r: f"{r.compile_s:.1f} (+ {r.first_step_s:.1f})"),
+            *per_runtime,
+            ("GFLOPs clip / step", lambda r: f"{r.clip_flops / 1e9:.4g} / {r.step_flops / 1e9:.4g}"),
+            ("state KiB", lambda r: f"{r.state_bytes / 1024:.1f}")]
 
 
-def format_table(rows: list[Row]) -> str:
+def format_table(rows: list[Row], columns: list) -> str:
     """A Markdown table (readable as is in a terminal)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], path: str) -> bool:
-    """Bar chart of each step form's speedup over the clip, with the ideal and the FLOPs ratio;
-    False (and a message) without matplotlib."""
+    """Bar chart of each runtime's step speedup over its own clip, with the ideal and the FLOPs
+    ratio; False (and a message) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -184,19 +164,20 @@ def plot(rows: list[Row], path: str) -> bool:
         log(f"--plot {path}: matplotlib is not installed (pip install 'cocompile[bench]'); no plot")
         return False
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / (len(FORMS) + 1)
-    for i, form in enumerate((*FORMS, "ideal")):
-        values = [r.ideal if form == "ideal" else r.speedup(form) for r in rows]
+    bars = (*RUNTIMES, "ideal")
+    width = 0.8 / len(bars)
+    for i, form in enumerate(bars):
+        values = [r.ideal if form == "ideal" else (r.speedup(form) or 0) for r in rows]
         ax.bar([j + i * width for j in range(len(rows))], values, width, label=form,
                color="lightgrey" if form == "ideal" else None)
-    centers = [j + 1.5 * width for j in range(len(rows))]
+    centers = [j + (len(bars) - 1) / 2 * width for j in range(len(rows))]
     ax.scatter(centers, [r.flops_ratio for r in rows], marker="_", s=900, color="black", zorder=3,
                label="FLOPs clip / step")
     ax.set_xticks(centers, [r.name for r in rows])
     ax.set_yscale("log")
     ax.set_ylim(bottom=1)
-    ax.set_ylabel("speedup over re-running the clip")
-    ax.set_title("cocompile step vs clip, 1 thread, batch 1 (ideal: T / step_frames)")
+    ax.set_ylabel("clip latency / step latency")
+    ax.set_title("step vs clip in the same runtime, 1 thread, batch 1 (ideal: T / step_frames)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -216,8 +197,7 @@ def measure_apart(name: str, size: str, rounds: int, stream: int) -> Row:
         if subprocess.run(cmd).returncode:
             raise SystemExit(f"measuring {name} failed (its error is above): {' '.join(cmd)}")
         with open(out) as f:
-            row = json.load(f)[0]
-    return Row(**{**row, "input_shape": tuple(row["input_shape"])})
+            return Row.from_json(json.load(f)[0])
 
 
 def main(argv=None) -> list[Row]:
@@ -227,7 +207,7 @@ def main(argv=None) -> list[Row]:
                         help="comma-separated examples (default all: " + ",".join(EXAMPLES) + ")")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
     parser.add_argument("--stream", type=int, default=10,
-                        help="at most this many steps in a row per round and step form (default 10)")
+                        help="at most this many steps in a row per round and runtime (default 10)")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     parser.add_argument("--in-process", action="store_true",
                         help="measure every example in this process (default: a process each)")
@@ -237,6 +217,8 @@ def main(argv=None) -> list[Row]:
     unknown = sorted(set(names) - set(EXAMPLES))
     if unknown:
         parser.error(f"unknown example(s) {', '.join(unknown)}; choose from {', '.join(EXAMPLES)}")
+    if args.rounds < 1 or args.stream < 1:
+        parser.error("--rounds and --stream take a positive number")
     torch.set_num_threads(1)
     rows = []
     for name in names:
@@ -249,10 +231,14 @@ def main(argv=None) -> list[Row]:
             json.dump([dataclasses.asdict(r) for r in rows], f)
         return rows
     print(f"cocompile {cocompile.__version__}, torch {torch.__version__}, 1 thread, batch 1, "
-          f"median of {args.rounds} interleaved rounds (per round: the clip once, then each step "
-          f"form for min({args.stream}, T / step_frames) steps in a row), "
+          f"median of {args.rounds} interleaved rounds (per round and runtime: the clip once, then "
+          f"min({args.stream}, T / step_frames) steps in a row), "
           f"{'all examples in one process' if args.in_process else 'each example in a process of its own'}")
-    print(format_table(rows))
+    print("\nSpeedup of a step over re-running the clip, both in the same runtime (of ideal: the "
+          "share of T / step_frames)\n")
+    print(format_table(rows, speedup_columns()))
+    print("\nLatencies (ms, medians), compile time, FLOPs and state\n")
+    print(format_table(rows, latency_columns()))
     if args.plot and plot(rows, args.plot):
         print(f"plot: {args.plot}")
     return rows

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cocompile
+from cocompile import bench
 from cocompile.cli import main, parse_shape
 from cocompile.loading import InputError
 from cocompile.runtime import Session
@@ -117,13 +118,23 @@ def test_inspect_and_bench(files, capsys, tmp_path):
     assert code == 0 and "FLOPs/step" in out and "c2" in out
     art = tmp_path / "c.onnx"
     assert run([files / "model.pt2", "--out", art, "--no-verify"], capsys)[0] == 0
-    code, out, _ = run(["bench", files / "model.pt2", "--steps", "2000", "--artifact", art], capsys)
-    assert code == 0 and "step (2 frames)" in out and "onnxruntime" in out
-    assert "steps 1801-2000" in out and "interleaved" in out
-    forms = next(line for line in out.splitlines() if line.startswith("step, median of 1000 interleaved"))
-    assert all(f"{k} " in forms for k in ("eager", "TorchScript", "onnxruntime", "onnxruntime / eager"))
+    code, out, _ = run(["bench", files / "model.pt2", "--steps", "200", "--artifact", art], capsys)
+    assert code == 0 and "clip 16 frames, step 2 frames (ideal speedup 8x)" in out
+    assert "each step against the clip in the same runtime" in out
+    assert "20 interleaved rounds" in out and "10 steps in a row" in out
+    for name in bench.RUNTIMES:          # clip ms, step ms, and their ratio in that runtime
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        clip_ms, step_ms, ratio = (float(v.rstrip("x")) for v in line.split()[1:4])
+        assert abs(ratio - clip_ms / step_ms) <= 0.05 + 0.01 * ratio, line    # ms printed rounded
+    assert "onnxruntime c.onnx: 200 steps" in out and "steps 181-200" in out and "interleaved" in out
     code, out, _ = run(["bench", files / "model.pt2", "--steps", "20", "--eager-only"], capsys)
-    assert code == 0 and "step (2 frames)" in out and "TorchScript" not in out
+    assert code == 0 and "step 2 frames" in out and "eager " in out and "TorchScript" not in out
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "many"])
+def test_bench_needs_a_positive_number_of_steps(files, capsys, steps):
+    code, _, err = run(["bench", files / "model.pt2", "--steps", steps], capsys)
+    assert code == 2 and "--steps" in err and "Traceback" not in err
 
 
 # -- exit 1 ----------------------------------------------------------------------------------------
@@ -172,13 +183,81 @@ def test_bad_model_files(files, tmp_path, capsys, case):
     (["--input-shape", "1,3,abc"], "--input-shape"),
     (["--input-shape", "1,0,16"], "--input-shape"),
     (["--out", "c.tflite"], "unknown suffix"),
-    (["--time-dim", "5"], "time_dim=5"),
-    (["--step-frames", "3"], "step_frames=3"),
+    (["--time-dim", "5"], "--time-dim 5 is not an axis"),
+    (["--step-frames", "3"], "--step-frames 3 is not a multiple of 2"),
 ])
 def test_bad_options(files, tmp_path, capsys, argv, reason):
     base = [files / "model.pt2", "--out", tmp_path / "c.onnx"]
     code, _, err = run(base + argv, capsys)
     assert code == 2 and reason in err and "Traceback" not in err
+    assert "time_dim" not in err and "step_frames" not in err      # the CLI's spelling, not Python's
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+
+def eight_channels():
+    return nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 4, 1))
+
+
+class Gated(nn.Module):                 # a clip mean gates every frame: refused unless approximate
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.sigmoid(y.mean(2, keepdim=True))
+
+
+def gated():
+    return Gated()
+
+
+def stride_one():
+    return nn.Conv1d(3, 4, 3)
+"""
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory):
+    """`path/cli_factories.py:NAME` factories of small models for the error paths."""
+    path = tmp_path_factory.mktemp("factories") / "cli_factories.py"
+    path.write_text(FACTORIES)
+    return lambda name: f"{path}:{name}"
+
+
+def test_wrong_input_shape_names_the_shape(factories, tmp_path, capsys):
+    """An --input-shape with 4 channels for a model whose first conv takes 8: the error names the
+    shape, --input-shape and torch's reason, not torch.export's tracing advice."""
+    code, _, err = run([factories("eight_channels"), "--input-shape", "1,4,32", "--out",
+                        tmp_path / "c.onnx"], capsys)
+    assert code == 2 and one_line_error(err), err
+    assert "(1, 4, 32) from --input-shape" in err and "8 channels" in err and "got 4" in err
+    assert "exportable" not in err and not (tmp_path / "c.onnx").exists()
+
+
+def test_errors_name_cli_options(factories, tmp_path, capsys):
+    """A refusal whose fix is `approximate=True` in Python says --approximate on the command line."""
+    code, _, err = run([factories("gated"), "--input-shape", "1,3,16", "--out", tmp_path / "c.onnx"],
+                       capsys)
+    assert code == 2 and "fix:    compile with --approximate" in err and "approximate=True" not in err
+    assert "module: " in err and "Traceback" not in err
+
+
+def test_counts_are_pluralised(factories, capsys):
+    code, out, _ = run(["inspect", factories("stride_one"), "--input-shape", "1,3,16"], capsys)
+    assert code == 0 and "step 1 frame\n" in out and "per step of 1 frame " in out
+    assert "1 frames" not in out and "frame(s)" not in out
+
+
+def test_misspelt_subcommand(capsys):
+    code, _, err = run(["inspct", "examples/tcn.py:build"], capsys)
+    assert code == 2 and one_line_error(err), err
+    assert "unknown subcommand 'inspct' (did you mean 'inspect'?)" in err
+    assert "inspect, verify, bench" in err and "arguments are required" not in err
 
 
 def test_usage_errors(capsys):

@@ -66,11 +66,19 @@ def test_x3d_squeeze_excitation_needs_approximate():
     assert not any(c.claimed for c in r.report.checks if c.name == "E1")
 
 
-def test_flops_table_script():
+def test_flops_table_script(capsys):
+    """`python examples/flops.py --size small --only tcn` prints every count in a unit that keeps
+    its digits (a small step is not 0.0000 GFLOPs): each cell reads back within 0.1%."""
     flops = importlib.import_module("flops")
     rows = flops.main(["--size", "small", "--only", "tcn"])
     assert [label for label, _ in rows] == ["tcn"]
-    assert rows[0][1].ratio <= 1.1
+    f = rows[0][1]
+    assert f.ratio <= 1.1 and f.step < 1e6          # small enough to print 0.0000 in GFLOPs
+    line = capsys.readouterr().out.splitlines()[-1].split()
+    scale = {"T": 1e12, "G": 1e9, "M": 1e6, "k": 1e3}
+    cells = [float(v) * scale[u] for v, u in zip(line[3:9:2], line[4:10:2])]
+    for cell, value in zip(cells, (f.clip, f.step, f.ideal)):
+        assert cell == pytest.approx(value, rel=1e-3)
 
 
 @pytest.mark.parametrize("with_continual", [True, False])
@@ -96,22 +104,31 @@ def test_bench_conv_stack_script(with_continual, monkeypatch, capsys):
 
 
 def test_speed_script(capsys, tmp_path, monkeypatch):
-    """`python examples/speed.py --size small --only tcn --rounds 3` prints one table row with every
-    column; the latencies, speedups and FLOPs are finite and positive (no timed assertion); --plot
+    """`python examples/speed.py --size small --only tcn --rounds 3` prints its two tables, one row
+    each with every column; in every runtime the clip and the step have finite positive latencies,
+    and the speedup shown is that runtime's own clip over its own step (no timed assertion); --plot
     draws the speedups, or says that matplotlib is missing."""
     from importlib.util import find_spec
+
+    from cocompile import bench
     speed = importlib.import_module("speed")
     png = tmp_path / "speed.png"
     rows = speed.main(["--size", "small", "--only", "tcn", "--rounds", "3", "--plot", str(png)])
     captured = capsys.readouterr()
-    table = [line for line in captured.out.splitlines() if line.startswith("|")]
-    assert len(table) == 3 and table[2].startswith("| tcn |")
-    header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header == list(speed.COLUMNS) and table[2].count("|") == len(header) + 1
+    lines = [line for line in captured.out.splitlines() if line.startswith("|")]
+    assert len(lines) == 6 and lines[2].startswith("| tcn |") and lines[5].startswith("| tcn |")
+    for head, row, columns in ((lines[0], lines[2], speed.speedup_columns()),
+                               (lines[3], lines[5], speed.latency_columns())):
+        header = [c.strip() for c in head.strip("|").split("|")]
+        assert header == [h for h, _ in columns] and row.count("|") == len(header) + 1
     (r,) = rows
-    assert set(r.ms) == {"clip", *speed.FORMS}
-    assert all(math.isfinite(v) and v > 0 for v in r.ms.values())
-    assert all(math.isfinite(r.share(f)) and r.share(f) > 0 for f in speed.FORMS)
+    assert set(r.latency) == set(bench.RUNTIMES) == set(speed.RUNTIMES)
+    cells = dict(zip([h for h, _ in speed.speedup_columns()],
+                     [c.strip() for c in lines[2].strip("|").split("|")]))
+    for name, lat in r.latency.items():
+        assert lat.why == "" and all(math.isfinite(t) and t > 0 for t in (lat.clip, lat.step))
+        assert r.speedup(name) == lat.clip / lat.step and r.share(name) == r.speedup(name) / r.ideal
+        assert cells[f"{name} x (of ideal)"] == f"{r.speedup(name):.1f}x ({r.share(name):.0%})"
     assert r.ideal == r.clip_length / r.step_frames == 32
     assert 0 < r.step_flops < r.clip_flops and r.state_bytes > 0 and r.compile_s > 0
     if find_spec("matplotlib") is None:

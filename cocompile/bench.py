@@ -1,0 +1,285 @@
+"""Step latency against re-running the clip, each step form against the clip run the same way.
+
+A runtime is one way of running a model. Its step (the continual model) is compared with the
+offline model's clip in that same runtime, never with another runtime's clip, so that a speedup
+says what streaming saves and not what the runtime adds:
+
+    runtime       clip: the offline model                           step: the continual model
+    eager         model(clip)                                       co.step(chunk, state)
+    TorchScript   torch.jit.trace(model, clip), saved and loaded    co.export("step.pt"), loaded
+    onnxruntime   torch.onnx.export(model, clip, dynamo=True) in    co.export("step.onnx") in
+                  onnxruntime, with the step session's options      cocompile.runtime.Session
+
+A runtime is one `Runtime` entry in RUNTIMES; the tables of `cocompile bench` and
+examples/speed.py take their columns from it. Where the offline model does not export to a
+runtime, `Latency.why` says why and the clip has no latency there.
+
+Timing is interleaved: every round runs each runtime's clip once and then its step for a stream
+of steps in a row (as a live stream calls it; a step's time is the mean over its stream), after a
+few untimed calls, and the median over rounds is kept, so that a shared machine's drift hits every
+column alike.
+
+>>> lat = measure(model, clip, co, clip.split(co.step_frames, 2), rounds=5, stream=4, folder=tmp)
+>>> lat["onnxruntime"].speedup, lat["onnxruntime"].share(co.clip_length / co.step_frames)
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+WARMUP = 3          # untimed calls of everything before the timed rounds
+
+
+class Unavailable(Exception):
+    """This runtime cannot run the offline model (its export failed); the message says why."""
+
+
+@dataclass(frozen=True)
+class StepForm:
+    """How a runtime steps: `call(x, state) -> next state`, its zero state for a batch, and the
+    conversion of a torch chunk into what `call` takes."""
+
+    call: Callable
+    initial_state: Callable
+    convert: Callable = lambda x: x
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One column of the speed tables: how to run the offline clip and the step in one runtime.
+
+    suffix   the artifact the step is written to (None: the step runs in this process as is)
+    clip     (model, clip, folder, threads) -> a call running model(clip) once; raises Unavailable
+    step     (co, artifact path or None, threads) -> StepForm
+    """
+
+    name: str
+    suffix: str | None
+    clip: Callable
+    step: Callable
+
+
+@dataclass
+class Latency:
+    """Median seconds of one clip and of one step in one runtime; `why` names what is missing."""
+
+    runtime: str
+    clip: float | None
+    step: float | None
+    why: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        """Clip latency over step latency: how much cheaper one new prediction is by stepping."""
+        return self.clip / self.step if self.clip and self.step else None
+
+    def share(self, ideal: float) -> float | None:
+        """The speedup as a share of `ideal` (T / step_frames: a step that costs exactly its
+        frames' share of the clip)."""
+        return None if self.speedup is None else self.speedup / ideal
+
+
+# -- the runtimes ----------------------------------------------------------------------------------
+def _eager_clip(model, clip, folder, threads):
+    return lambda: model(clip)
+
+
+def _eager_step(co, path, threads) -> StepForm:
+    return StepForm(lambda x, s: co.step(x, s)[1], co.initial_state)
+
+
+def _torchscript_clip(model, clip, folder, threads):
+    path = os.path.join(folder, "clip.pt")
+    try:
+        with _quiet():
+            torch.jit.save(torch.jit.trace(model, clip, check_trace=False, strict=False), path)
+    except Exception as err:  # noqa: BLE001 - torch.jit fails in many ways; its first line says why
+        raise Unavailable(f"torch.jit.trace fails on the offline model: {_first_line(err)}") from None
+    with _quiet():
+        module = torch.jit.load(path, map_location="cpu")
+    return lambda: module(clip)
+
+
+def _torchscript_step(co, path, threads) -> StepForm:
+    from .loading import load_artifact
+
+    run, n = load_artifact(path).run, len(co.out_infos)
+    return StepForm(lambda x, s: run(x, *s)[n:], co.initial_state)
+
+
+def _onnx_clip(model, clip, folder, threads):
+    import onnxruntime as ort
+
+    path = os.path.join(folder, "clip.onnx")
+    try:
+        with _quiet():
+            torch.onnx.export(model, (clip,), path, dynamo=True, external_data=False, verbose=False)
+    except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; its first line says why
+        raise Unavailable(f"torch.onnx.export fails on the offline model: {_first_line(err)}") from None
+    sess = ort.InferenceSession(path, onnx_options(threads), providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: clip.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def _onnx_step(co, path, threads) -> StepForm:
+    from cocompile.runtime import Session
+
+    sess = Session(path, threads=threads)
+    return StepForm(lambda x, s: sess.step(x, s)[1], sess.initial_state, lambda x: x.numpy())
+
+
+def onnx_options(threads: int | None):
+    """The onnxruntime session options `cocompile.runtime.Session(path, threads)` uses, so that
+    the clip runs as the step does."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return opts
+
+
+RUNTIMES = {r.name: r for r in (
+    Runtime("eager", None, _eager_clip, _eager_step),
+    Runtime("TorchScript", ".pt", _torchscript_clip, _torchscript_step),
+    Runtime("onnxruntime", ".onnx", _onnx_clip, _onnx_step),
+)}
+
+
+# -- timing ----------------------------------------------------------------------------------------
+class Stepper:
+    """A call that runs `burst` steps of one stream in a row, carrying the state, over `chunks` in
+    a loop (so a stream's frames keep changing, as a live stream's do)."""
+
+    def __init__(self, step: Callable, state, chunks: list, burst: int = 1):
+        self.step, self.state, self.chunks, self.i, self.burst = step, state, chunks, 0, burst
+
+    def __call__(self):
+        for _ in range(self.burst):
+            self.state = self.step(self.chunks[self.i % len(self.chunks)], self.state)
+            self.i += 1
+
+
+def interleaved(calls: dict, rounds: int, warmup: int = WARMUP) -> dict:
+    """{name: median seconds per call}: each round calls every fn once, in turn, after `warmup`
+    untimed rounds; a Stepper's time is divided by its `burst` (seconds per step)."""
+    times = {k: [] for k in calls}
+    for i in range(warmup + rounds):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t0) / getattr(fn, "burst", 1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def calls(model, clip, co, chunks, runtimes, stream: int, folder: str, artifacts=None,
+          threads: int | None = 1, log=None) -> tuple[dict, dict]:
+    """({"<runtime> clip" / "<runtime> step": call}, {runtime: why the clip is missing}). The
+    step artifacts are written to `folder`, unless `artifacts` gives one for a runtime."""
+    fns, why = {}, {}
+    for rt in runtimes:
+        path = (artifacts or {}).get(rt.name) or _write(co, rt, folder, log)
+        try:
+            fns[f"{rt.name} clip"] = rt.clip(model, clip, folder, threads)
+        except Unavailable as err:
+            why[rt.name] = str(err)
+        form = rt.step(co, path, threads)
+        fns[f"{rt.name} step"] = Stepper(form.call, form.initial_state(clip.shape[0]),
+                                         [form.convert(c) for c in chunks], stream)
+    return fns, why
+
+
+def measure(model, clip, co, chunks, rounds: int, stream: int, folder: str, runtimes=None,
+            artifacts=None, threads: int | None = 1, log=None) -> dict[str, Latency]:
+    """Latency of the clip and of the step in every runtime (default all of RUNTIMES), timed
+    interleaved over `rounds` rounds; `stream` steps in a row per round (at least 1)."""
+    runtimes = list(RUNTIMES.values()) if runtimes is None else runtimes
+    with torch.no_grad():
+        fns, why = calls(model, clip, co, chunks, runtimes, max(stream, 1), folder, artifacts,
+                         threads, log)
+        seconds = interleaved(fns, rounds)
+    return {rt.name: Latency(rt.name, seconds.get(f"{rt.name} clip"), seconds[f"{rt.name} step"],
+                             why.get(rt.name, "")) for rt in runtimes}
+
+
+def _write(co, rt: Runtime, folder: str, log) -> str | None:
+    if rt.suffix is None:
+        return None
+    path = os.path.join(folder, "step" + rt.suffix)
+    t0 = time.perf_counter()
+    with _quiet():
+        co.export(path)
+    if log:
+        log(f"exported the step to {os.path.basename(path)} in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def stream_drift(path: str, steps: int) -> str:
+    """Whether an ONNX artifact's step slows down along a stream: its latency over `steps` steps
+    from the zero state, one stream, one thread (after 200 untimed steps), as the medians of the
+    first and the last thousand (or tenth) steps, measured twice: in sequence, and interleaved (a
+    fresh stream and the stream at its end step in turn, which cancels the machine's drift)."""
+    import numpy as np
+
+    from cocompile.runtime import Session
+
+    sess = Session(path, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, *sess.chunk_shape)).astype(sess.dtype)
+
+    def timed(state):
+        t0 = time.perf_counter()
+        _, state = sess.step(x, state)
+        return time.perf_counter() - t0, state
+
+    state = sess.initial_state(1)
+    for _ in range(200):
+        _, state = timed(state)
+    k = max(1, min(1000, steps // 10))
+    late, times = sess.initial_state(1), []
+    for _ in range(steps - k):
+        dt, late = timed(late)
+        times.append(dt)
+    early, pairs = sess.initial_state(1), []
+    for _ in range(k):
+        dt_early, early = timed(early)
+        dt_late, late = timed(late)
+        times.append(dt_late)
+        pairs.append((dt_early, dt_late))
+    first, last = statistics.median(times[:k]), statistics.median(times[-k:])
+    e, lt = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+    return (f"onnxruntime {os.path.basename(path)}: {steps} steps; in sequence: median of steps "
+            f"1-{k} {first * 1e3:.3f} ms, of steps {steps - k + 1}-{steps} {last * 1e3:.3f} ms "
+            f"({(last / first - 1) * 100:+.1f}%); interleaved: {e * 1e3:.3f} ms vs "
+            f"{lt * 1e3:.3f} ms ({(lt / e - 1) * 100:+.1f}%)")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def ratio_cell(lat: Latency, ideal: float) -> str:
+    """`16.4x (102%)`: the speedup and its share of the ideal, or `n/a` with why the clip has no
+    latency in this runtime."""
+    if lat.speedup is None:
+        return f"n/a ({lat.why})" if lat.why else "n/a"
+    return f"{lat.speedup:.1f}x ({lat.share(ideal):.0%})"
+
+
+def ms_cell(seconds: float | None, digits: int = 3) -> str:
+    return "n/a" if seconds is None or not math.isfinite(seconds) else f"{seconds * 1e3:.{digits}f}"
+
+
+def _quiet():
+    from .export import _quiet as quiet_export
+    return quiet_export()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
