@@ -62,6 +62,7 @@ def capture(model, example: torch.Tensor, time_dim: int,
     if decompose:
         ep = ep.run_decompositions()
     _drop_eval_dropout(ep.graph_module.graph)
+    _explicit_squeeze(ep.graph_module.graph)
     ep.graph_module.graph.eliminate_dead_code()     # e.g. unused max-pool indices
     ep.graph_module.recompile()
     sig = ep.graph_signature
@@ -89,6 +90,16 @@ def _drop_eval_dropout(graph: fx.Graph) -> None:
         if node.op == "call_function" and node.target in _DROPOUTS and node.args[2:3] == (False,):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+
+
+def _explicit_squeeze(graph: fx.Graph) -> None:
+    """`x.squeeze()` names the axes of size 1 in the captured shapes (never the batch, which the
+    capture keeps symbolic): on a batch of one stream the step would otherwise squeeze it too."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.squeeze.default:
+            shape = node.args[0].meta["val"].shape
+            node.target = torch.ops.aten.squeeze.dims
+            node.args = (node.args[0], [d for d, s in enumerate(shape) if isinstance(s, int) and s == 1])
 
 
 def _export(model, example):

@@ -14,6 +14,7 @@ from cocompile.passes.fuse_cell_loops import fuse_cell_loops
 from cocompile.passes.hoist_affine_tail import hoist_affine_tails
 from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
+from cocompile.passes.shape_probe import ShapeProbe
 from cocompile.passes.split_projections import split_projections
 from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
 
@@ -23,16 +24,20 @@ from .errors import CompileError
 from .model import ContinualModel
 from .step import StepProgram, TracedStep
 from .timeinfo import META
+from .verify import check_clip
 
 
 def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int = 2,
             step_frames: int | None = None, approximate: bool = False,
-            trace: bool = True) -> ContinualModel:
+            trace: bool = True, verify: bool = True) -> ContinualModel:
     """Compile an offline clip model into a continual model that reads frames as they arrive.
 
     With trace=True the first step of each batch size traces the step into a plain ATen graph
     (about as long as one interpreted step of a large model) that later steps run; trace=False
     keeps running the graph interpreter (slower per step). Artifacts trace on export either way.
+    With verify=True (the default) the continual model is checked against the model on the
+    example clip (E1) before it is returned: a CompileError with the measured error if it
+    differs; an approximate model keeps its measured deviation in `co.deviation`.
 
     >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 64, 64), time_dim=2)
     >>> torch.testing.assert_close(co.forward_steps(clip), model(clip))
@@ -40,20 +45,24 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
     check_example(example_input, time_dim)
     time_dim %= example_input.dim()
     try:
-        return _compile(model, example_input, time_dim, step_frames, approximate, trace, False)
+        co = _compile(model, example_input, time_dim, step_frames, approximate, trace, False)
     except CompileError as err:
         if not err.no_rule:
             raise
         first = err
-    # an op without a rule: its core-ATen decomposition may consist of ops that have rules
-    try:
-        return _compile(model, example_input, time_dim, step_frames, approximate, trace, True)
-    except CompileError as err:
-        raise (first if err.no_rule else err) from None    # name the op as the user wrote it
+        # an op without a rule: its core-ATen decomposition may consist of ops that have rules
+        try:
+            co = _compile(model, example_input, time_dim, step_frames, approximate, trace, True)
+        except CompileError as err:
+            raise (first if err.no_rule else err) from None    # name the op as the user wrote it
+    if verify:
+        offline = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+        check_clip(offline, co, example_input)
+    return co
 
 
-def _compile(model, example_input, time_dim, step_frames, approximate, trace, decompose):
-    T = example_input.shape[time_dim]
+def _prepare(model, example_input, time_dim: int, decompose: bool):
+    """The captured graph with the rewrites that do not need the time analysis."""
     # capture: torch.export at the example clip length, eval mode, batch kept dynamic
     cap = capture(model, example_input, time_dim, decompose)
     # rewrite: eval BatchNorm folded into the convolution before it (one op less per step)
@@ -68,25 +77,60 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     fold_constants(cap.gm, cap.consts, cap.input_name)
     # rewrite: a loop of RNN cells over the frames becomes one recurrent layer (state: its hidden state)
     fuse_cell_loops(cap.gm, cap.input_name)
+    return cap
+
+
+def _analyser(model, example_input, time_dim, approximate, decompose, cap):
+    """TimeAnalysis of the captured graph, made with a shape probe (a second capture at twice the
+    clip length) when the example clip leaves some value's time axis in doubt."""
+    T = example_input.shape[time_dim]
     inputs = {cap.input_name: time_dim}
-    # analyse: time axis, rate, warm-up and receptive field of every value; which joins need delays
-    TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
+
+    def analysis(probe=None):
+        return TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts, probe=probe)
+    an = analysis()
+    try:
+        an.run()
+    except CompileError:
+        if not an.doubts:
+            raise
+    if not an.doubts:
+        return analysis
+    node, why = next(iter(an.doubts.items()))
+    longer = torch.cat([example_input, example_input], time_dim)
+    try:
+        second = _prepare(model, longer, time_dim, decompose)
+    except CompileError as err:
+        raise CompileError(f"{why} ({node.name}), so the example clip cannot show which axis holds "
+                           f"time, and capturing the model at {2 * T} frames to find out failed: "
+                           f"{err.reason}", hint="compile with a longer example clip, so that 2 or "
+                           "more frames reach every op") from None
+    probe = ShapeProbe.between(cap.gm, second.gm, (T, 2 * T))
+    return lambda: analysis(probe)
+
+
+def _compile(model, example_input, time_dim, step_frames, approximate, trace, decompose):
+    T = example_input.shape[time_dim]
+    cap = _prepare(model, example_input, time_dim, decompose)
+    # analyse: time axis, rate, warm-up and receptive field of every value; which joins need
+    # delays (where the example clip leaves an axis in doubt, a second capture settles it)
+    analysis = _analyser(model, example_input, time_dim, approximate, decompose, cap)
+    analysis().run()
     # rewrite: affine ops after a mean over the clip (a classifier) run per frame before it, so
     # its window keeps their smaller result
     if hoist_affine_tails(cap.gm):
-        TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
+        analysis().run()
     # analyse: which values the outputs read only at the newest frames (e.g. y[:, -1])
     analyse_demand(cap.gm)
     # analyse again with the demand: single-output attention, windows cut to their newest frames
-    an = TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts)
+    an = analysis()
     requirements = an.run()
     # rewrite: windows where frames meet whole windows, newest frames where nothing older is read
     insert_windows(cap.gm, an.conversions)
     # rewrite: frame FIFOs line up joins and materialise explicit zero padding
-    insert_delays(cap.gm, TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts).run()
-                  if an.conversions else requirements)
+    insert_delays(cap.gm, analysis().run() if an.conversions else requirements)
     # check: after the delays the analysis is a fixpoint (nothing left to align or convert)
-    an = TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts)
+    an = analysis()
     assert not an.run() and not an.conversions, "internal error: delays did not align every join"
     # step size: the smallest step whose every op emits whole frames, or a multiple the user chose
     c = _step_frames(cap.gm, step_frames, T)

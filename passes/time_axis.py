@@ -41,6 +41,8 @@ class TimeAnalysis:
     consts: dict = field(default_factory=dict)          # placeholder name -> tensor
     requirements: dict = field(default_factory=dict)   # (node, arg) -> warm-up the arg must have
     conversions: dict = field(default_factory=dict)    # (node, arg) -> "window" | "newest"
+    probe: "ShapeProbe | None" = None   # the graph's shapes at a second clip length (see `doubt`)
+    doubts: dict = field(default_factory=dict)         # node -> why its time axis is in doubt
     _rule: OpRule | None = None
     _node: fx.Node | None = None
     _seen_as: dict = field(default_factory=dict)        # arg -> TimeInfo while a rule runs
@@ -49,12 +51,32 @@ class TimeAnalysis:
         for node in self.gm.graph.nodes:
             self._node, self._seen_as = node, {}
             try:
-                node.meta[META] = getattr(self, f"_{node.op}")(node)
+                node.meta[META] = info = getattr(self, f"_{node.op}")(node)
+                self._check(node, info)
             except Refusal as r:
                 raise error_at(node, r.reason, r.hint, isinstance(r, NoRule)) from None
         return self.requirements
 
+    def _check(self, node, info) -> None:
+        """Values of one frame leave their time axis in doubt (any axis of size 1 could hold it);
+        with a probe, every value's time axis is checked against the axes that grew."""
+        for i in info if isinstance(info, tuple) else (info,):
+            if isinstance(i, TimeInfo) and i.kind in (TIME, WINDOW) and i.length == 1:
+                self.doubt(f"a single frame of the example clip reaches {node.name}")
+        if self.probe is not None and node.op == "call_function":
+            self.probe.check(node, info)
+
     # -- what rules call -------------------------------------------------------------------------
+    def doubt(self, why: str) -> None:
+        """The example clip's shapes allow more than one time axis for the current node (`why`);
+        compile() then captures the model at a second clip length and analyses again with the
+        probe, which tells the axes that grow with the clip (see `grown`)."""
+        self.doubts.setdefault(self._node, why)
+
+    def grown(self, node) -> set | None:
+        """Axes of `node`'s value whose size changes with the clip length, or None without a probe."""
+        return None if self.probe is None else self.probe.grown(node)
+
     def info(self, arg) -> TimeInfo:
         """TimeInfo of an argument. Time inputs with explicit zero padding still pending are
         materialised (delayed to warm-up 0) unless the current rule absorbs them."""

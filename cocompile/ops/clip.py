@@ -14,7 +14,7 @@ import weakref
 import torch
 
 from ..errors import Refusal
-from ..timeinfo import CLIP, WINDOW, TimeInfo
+from ..timeinfo import CLIP, META, WINDOW, TimeInfo
 from .frames import cat_frames, frames_shape, last_frames, merge_time, split_time, stream_axis, symbolic_shape
 from .registry import OpRule, register_op
 from .schema import bind
@@ -203,6 +203,12 @@ class AdaptivePool(OpRule):
     def time(self, node, an):
         x = an.info(node.args[0])
         n = self._time_out(node, x)
+        if n == x.length == 1 and not x.merged:
+            # pooling one frame to one: frame-local, or the reduction of longer clips to one frame
+            an.doubt("adaptive pooling of a single frame")
+            grown = an.grown(node)
+            if grown is not None and x.dim not in (grown[0] if isinstance(grown, tuple) else grown):
+                return self._wrap(node, ClipWindow.time(an, node.args[0]))
         if n is None or (n == x.length and not x.merged):
             out = an.aligned(node.args[0], max(x.warmup, 0))
         elif n == 1:
@@ -210,20 +216,28 @@ class AdaptivePool(OpRule):
         else:
             raise Refusal(f"adaptive pooling of {x.length} frames to {n} depends on the clip length",
                           "pool to 1 frame (a clip reduction) or use a fixed kernel and stride")
+        return self._wrap(node, out)
+
+    @staticmethod
+    def _wrap(node, out):
         return (out, None) if isinstance(node.meta["val"], (tuple, list)) else out
 
+    @staticmethod
+    def _reduces(node) -> bool:
+        """Whether the analysis made this pool a reduction over the clip (not frame-local)."""
+        info = node.meta[META]
+        return (info[0] if isinstance(info, tuple) else info).kind == CLIP
+
     def states(self, node, an):
-        x = an.info(node.args[0])
-        return ClipWindow.states(node.args[0], x) if self._time_out(node, x) == 1 and x.length > 1 else {}
+        return ClipWindow.states(node.args[0], an.info(node.args[0])) if self._reduces(node) else {}
 
     def frame_mean(self, node, x):
-        if node.target in AVERAGES and self._time_out(node, x) == 1 and x.length > 1 and not x.merged:
+        if node.target in AVERAGES and self._reduces(node) and not x.merged:
             return _same_op(node)
         return None
 
     def step(self, node, args, kwargs, ctx):
-        x = ctx.info(node.args[0])
-        if self._time_out(node, x) == 1 and x.length > 1:
+        if self._reduces(node):
             return ClipWindow.step(ctx, node, node.args[0], args[0], lambda w: node.target(w, *args[1:]))
         return node.target(*args, **kwargs)
 

@@ -28,9 +28,10 @@ def _integer(e) -> bool:
     return bool(e.is_integer) and bool(e.is_positive)
 
 
-def locate_time(in_shape: list, x: TimeInfo, out_shape: list) -> TimeInfo:
-    """Where time lands after a view from in_shape to out_shape (row-major, so a frame occupies a
-    contiguous block of `stride` entries in the flat order)."""
+def time_axes(in_shape: list, x: TimeInfo, out_shape: list) -> list[tuple]:
+    """Every axis a view from in_shape to out_shape can put time on (row-major, so a frame occupies
+    a contiguous block of `stride` entries in the flat order): (merged, axis, outer, inner), the
+    unmerged and leftmost first. Several when sizes repeat (a one-frame axis among other 1s)."""
     stride = _prod(in_shape[x.dim + 1:]) * x.inner
     found = []
     for k in range(len(out_shape)):
@@ -40,10 +41,19 @@ def locate_time(in_shape: list, x: TimeInfo, out_shape: list) -> TimeInfo:
         outer = sympy.simplify(sympy.sympify(out_shape[k]) / (inner * x.length))
         if _integer(outer):
             found.append((outer != 1 or inner != 1, k, outer, inner))
+    return sorted(found, key=lambda f: f[:2])
+
+
+def locate_time(in_shape: list, x: TimeInfo, out_shape: list, grown: set | None = None) -> TimeInfo:
+    """Where time lands after a view; `grown`, the output axes that grow with the clip (from a
+    second capture), picks among several candidates."""
+    found = time_axes(in_shape, x, out_shape)
+    if grown is not None:
+        found = [f for f in found if f[1] in grown] or found
     if not found:
         raise Refusal(f"this reshape splits the time axis ({x.length} frames) across axes",
                       "reshape so that time stays one axis, possibly merged with its neighbours")
-    _, k, outer, inner = min(found, key=lambda f: f[:2])
+    _, k, outer, inner = found[0]
     # either may hold the batch symbol (time merged with the batch, as attention's heads do)
     return x.replace(dim=k, outer=int(outer) if outer.is_Integer else outer,
                      inner=int(inner) if inner.is_Integer else inner)
@@ -59,7 +69,10 @@ class Layout(OpRule):
              aten.flatten.using_ints, aten.unflatten.int)
 class View(Layout):
     def time(self, node, an):
-        return locate_time(symbolic_shape(node.args[0]), an.info(node.args[0]), symbolic_shape(node))
+        x, shapes = an.info(node.args[0]), (symbolic_shape(node.args[0]), symbolic_shape(node))
+        if len(time_axes(shapes[0], x, shapes[1])) > 1:
+            an.doubt("a view can put time on more than one axis of equal size")
+        return locate_time(*shapes[:1], x, shapes[1], an.grown(node))
 
     def step(self, node, args, kwargs, ctx):
         x, x_info, out = args[0], ctx.info(node.args[0]), ctx.info(node)
