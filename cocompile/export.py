@@ -1,4 +1,5 @@
-"""`co.export(path)`: one step of a ContinualModel as a deployable artifact (DESIGN.md §6).
+"""`co.export(path)`: one step of a ContinualModel as a deployable artifact (docs/design.md,
+"Artifacts").
 
 Every format holds the same function, `step(x, *state) -> (*outputs, *next_state)`, with the batch
 axis dynamic on every input and output (states too), and the JSON of `cocompile.metadata`:

@@ -1,4 +1,4 @@
-"""The self-description every artifact carries (DESIGN.md §6), as one JSON document.
+"""The self-description every artifact carries (docs/design.md, "Artifacts"), as one JSON document.
 
 A consumer needs nothing else to drive an artifact: input and state names, shapes, dtypes and
 initial values, the time axis, how many frames a step takes, and when each output becomes valid.

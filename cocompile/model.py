@@ -1,4 +1,4 @@
-"""ContinualModel: the eager continual form of a compiled model (DESIGN.md §5)."""
+"""ContinualModel: the eager continual form of a compiled model (docs/design.md, "Public API")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""verify(): equivalence of a continual model with the untouched offline model (DESIGN.md §3)."""
+"""verify(): equivalence of a continual model with the untouched offline model (E1, E2 of
+docs/design.md)."""
 from __future__ import annotations
 
 import contextlib

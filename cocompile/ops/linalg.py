@@ -1,5 +1,5 @@
-"""Matrix products and normalisations: frame-local as long as they do not mix frames, that is, as
-long as time is neither contracted (Linear across time) nor normalised over."""
+"""Matrix products: frame-local as long as they do not mix frames, that is, as long as time is not
+contracted (Linear across time). Normalisations are in norms.py."""
 from __future__ import annotations
 
 import torch
@@ -63,44 +63,6 @@ class AddMm(MatMul):
 @register_op(aten.bmm.default)
 class Bmm(MatMul):
     lead = 1
-
-
-def _outputs(node, x):
-    """The op's TimeInfo: one, or the first of a tuple whose other outputs are statistics."""
-    val = node.meta["val"]
-    return (x,) + (None,) * (len(val) - 1) if isinstance(val, (tuple, list)) else x
-
-
-@register_op(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
-class BatchNorm(OpRule):
-    def time(self, node, an):
-        x = an.info(node.args[0])
-        if x.dim == 1:
-            raise Refusal("batch norm over channels that hold time normalises each clip position "
-                          "differently (time-position parameters)",
-                          "keep time out of the channel axis (e.g. view as (N, C, T) not (N, C*T))")
-        return _outputs(node, x)
-
-
-@register_op(aten.native_layer_norm.default, aten.layer_norm.default)
-class LayerNorm(OpRule):
-    def time(self, node, an):
-        x = an.info(node.args[0])
-        if x.dim >= node.args[0].meta["val"].dim() - len(node.args[1]):
-            raise Refusal("layer norm over an axis that holds time mixes frames",
-                          "normalise over feature axes only")
-        return _outputs(node, x)
-
-
-@register_op(aten.native_group_norm.default, aten.group_norm.default)
-class GroupNorm(OpRule):
-    def time(self, node, an):
-        x = an.info(node.args[0])
-        if x.dim >= 1:
-            raise Refusal("group norm normalises over the spatial axes, which include time here, "
-                          "so every frame depends on the whole clip",
-                          "use BatchNorm or a per-frame norm (e.g. fold time into the batch first)")
-        return _outputs(node, x)
 
 
 @register_op(aten.linear.default)

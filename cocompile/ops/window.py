@@ -312,7 +312,7 @@ class Convolution(WindowRule):
         return Window(kernel, _entry(a["stride"], j, 1), _entry(a["dilation"], j, 1), pad, pad)
 
     def covers_clip(self, node, x, win):
-        return False                             # a conv stays per-frame; see DESIGN §4
+        return False     # pools whose kernel is the clip reduce it; a conv keeps its window
 
     # -- step forms (conv_forms.py; passes/choose_forms.py picks one per node) -----------------
     def geometry(self, node, d: int, frames: int = 0, state: int = 0) -> ConvGeometry:
