@@ -1,4 +1,4 @@
-"""The `cocompile` command (DESIGN.md §8): every exit path, model loading by content."""
+"""The `cocompile` command (docs/design.md, "CLI"): every exit path, model loading by content."""
 from __future__ import annotations
 
 import importlib
@@ -46,12 +46,11 @@ def one_line_error(err: str) -> bool:
 
 
 # -- success ---------------------------------------------------------------------------------------
-def test_pt2_to_onnx_in_a_real_process(files, tmp_path, installed_package):
+def test_pt2_to_onnx_in_a_real_process(files, tmp_path):
     """`cocompile model.pt2 --out co_model.onnx`: exit 0, a summary, a runnable artifact."""
     out = tmp_path / "co_model.onnx"
-    with installed_package():
-        proc = subprocess.run(["cocompile", str(files / "model.pt2"), "--out", str(out)],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(["cocompile", str(files / "model.pt2"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for word in ("delay", "receptive field", "state", "FLOPs", "per step", "per clip", "exact", "E1", "E4"):
         assert word in proc.stdout, word
@@ -68,7 +67,7 @@ def test_torch_formats(files, tmp_path, capsys, fmt):
 def test_options(files, tmp_path, capsys):
     code, out, _ = run([files / "model.pt2", "--out", tmp_path / "c.onnx", "--step-frames", "4",
                         "--time-dim", "2", "--input-shape", "2,3,16", "--no-verify"], capsys)
-    assert code == 0 and "step 4 frame(s)" in out and "(2, 3, 16)" in out and "E1 max" not in out
+    assert code == 0 and "step 4 frames" in out and "(2, 3, 16)" in out and "E1 max" not in out
     assert Session(str(tmp_path / "c.onnx")).step_frames == 4
 
 
@@ -266,11 +265,10 @@ def test_usage_errors(capsys):
     assert run(["--help"], capsys)[0] == 0
 
 
-def test_bad_file_in_a_real_process(files, tmp_path, installed_package):
+def test_bad_file_in_a_real_process(files, tmp_path):
     bad = _bad_files(files, tmp_path)["truncated"]
-    with installed_package():
-        proc = subprocess.run(["cocompile", str(bad), "--out", str(tmp_path / "c.onnx")],
-                              capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["cocompile", str(bad), "--out", str(tmp_path / "c.onnx")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and one_line_error(proc.stderr), proc.stderr
 
 

@@ -1,4 +1,4 @@
-"""Artifacts (DESIGN.md §6): E4 for .onnx, .pt and .pt2, names, dynamic batch, metadata.
+"""Artifacts (docs/design.md, "Artifacts"): E4 for .onnx, .pt and .pt2, names, dynamic batch, metadata.
 
 The oracle is the eager continual model (`co.step`); each artifact is loaded with its own
 runtime (onnxruntime, torch.jit.load, torch.export.load), not through cocompile's helpers.
@@ -256,7 +256,7 @@ def test_zero_initial_state_is_documented(compiled, artifacts):
 EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "torchscript_runner.py"
 
 
-def test_torchscript_runner_example(compiled, artifacts, installed_package):
+def test_torchscript_runner_example(compiled, artifacts):
     """The example's loop (metadata only, no cocompile) gives the stateful model's valid outputs."""
     import importlib.util
     import subprocess
@@ -264,8 +264,7 @@ def test_torchscript_runner_example(compiled, artifacts, installed_package):
 
     _, _, _, co = compiled
     path = str(artifacts[".pt"])
-    with installed_package():
-        proc = subprocess.run([sys.executable, str(EXAMPLE), path], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(EXAMPLE), path], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "first valid at step" in proc.stdout, proc.stderr
     spec = importlib.util.spec_from_file_location("torchscript_runner", EXAMPLE)
     runner_mod = importlib.util.module_from_spec(spec)
@@ -292,7 +291,7 @@ EXAMPLE_VARIANTS = [("tcn", {}, False), ("slow_resnet", {}, False), ("r2plus1d",
 @pytest.mark.parametrize("name, kwargs, approximate", EXAMPLE_VARIANTS,
                          ids=["tcn", "slow_resnet", "r2plus1d", "x3d", "x3d-se", "stgcn"])
 def test_examples_e4_every_format(name, kwargs, approximate, tmp_path):
-    """DESIGN.md E4 on the examples (small size): every format, 3·T steps, two streams."""
+    """E4 on the examples (small size): every format, 3·T steps, two streams."""
     import importlib
     import sys
 

@@ -1,4 +1,4 @@
-"""cocompile.runtime (DESIGN.md §7): numpy + onnxruntime only, per-stream state, frame buffering,
+"""cocompile.runtime (docs/design.md, "Runtime"): numpy + onnxruntime only, per-stream state, frame buffering,
 outputs only when valid, batched streams, isolated resets, clear input errors."""
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def test_foreign_onnx_is_refused(tmp_path):
 
 
 # -- without torch -------------------------------------------------------------------------------
-def test_runtime_without_torch(setup, tmp_path, installed_package):
+def test_runtime_without_torch(setup, tmp_path):
     """In a process where `import torch` fails, cocompile.runtime steps the artifact to the
     outputs of the eager continual model."""
     co, _, path = setup
@@ -259,8 +259,7 @@ def test_runtime_without_torch(setup, tmp_path, installed_package):
         sys.exit(0 if err <= {TOL} and len(got) == len(ref) else 1)
     """)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
-    with installed_package():
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                              timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "max rel err" in proc.stdout
