@@ -319,7 +319,7 @@ def summary(loaded, clip, co, report, e4, out) -> str:
     """The one-screen summary of a compiled model."""
     step_flops, clip_flops = flops(co, loaded.model, clip)
     state_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in co.specs)
-    exact = ("approximate (causal window for a non-causal clip reduction)" if co.approximate else
+    exact = ("approximate (causal window for a clip reduction or a norm over time)" if co.approximate else
              "exact (E1)" + ("" if co.exact_sliding else "; sliding windows deviate (temporal zero padding)"))
     lines = [f"model     {loaded.source}",
              f"input     {tuple(clip.shape)} {str(clip.dtype).removeprefix('torch.')}, time axis "

@@ -48,7 +48,8 @@ EXACTNESS = {
     "padded": "clip output that depends on temporal zero padding: at a clip's end it equals the "
               "offline model only after the end-of-clip flush (ContinualModel.flush, not part of "
               "the artifact); sliding windows deviate",
-    "approximate": "depends on a causal approximation of a non-causal clip reduction",
+    "approximate": "depends on a causal approximation of a non-causal op (a clip reduction "
+                   "broadcast onto frames, a norm over time)",
     "recurrent": "depends on a recurrent layer's hidden state, which carries every frame since the "
                  "stream started (receptive field unbounded): per-frame outputs equal the model on "
                  "the whole stream (E3); clip outputs equal the model on the clip at the clip's end, "

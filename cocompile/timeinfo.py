@@ -37,7 +37,8 @@ class TimeInfo:
     ready   clip and window values: input frames that must have been streamed before the value
             is valid.
     padded  depends on temporal zero padding (so sliding-window reuse is not exact, E2).
-    approx  depends on a causal approximation of a non-causal clip reduction.
+    approx  depends on a causal approximation of a non-causal op (a clip reduction
+            broadcast onto frames, a norm over time).
     horizon > 0: depends on attention whose reach grows with the clip (a causal mask over the
             whole clip); the stream keeps the last `horizon` frames of keys, so it equals the
             model for the first `horizon` frames and is bounded to that window after.

@@ -58,7 +58,8 @@ class Report:
             verdict = ("ok" if c.ok else "FAIL") if c.claimed else "measured (not claimed exact)"
             lines.append(f"{c.name:<6}{c.output:>7}{c.error:>12.3g}{c.bound:>11.3g}  {verdict}")
         if self.approximate:
-            lines.append("approximate: a clip reduction broadcast onto frames uses a causal window; "
+            lines.append("approximate: a non-causal op (a clip reduction broadcast onto frames, a "
+                         "norm over time) uses a causal window; "
                          f"E1 deviation {self.max_error('E1'):.3g}")
         if self.horizon:
             lines.append(f"bounded: causal attention reaches back to the start of the clip; the "

@@ -1,12 +1,12 @@
-"""Normalisations: batch norm, group norm, instance norm, layer norm.
+"""Normalisations: batch norm, group norm, instance norm, layer norm, RMS norm.
 
 A norm whose reduced axes leave time out is frame-local. One whose reduced axes include time makes
 every frame depend on the whole clip: refused, or with `approximate=True` computed from statistics
 over a causal window of the last L frames of its input (L = the input's clip length):
 
-  * per frame (and group) the mean and the variance over the other reduced axes enter a window
-    state of the last L frames (`mean`, `var`): small, and re-formed each step, so nothing is
-    accumulated across steps and nothing drifts (E3);
+  * per frame (and group) the mean and the variance over the other reduced axes (RMS norm: the
+    mean square) enter a window state of the last L frames (`mean`, `var`): small, and re-formed
+    each step, so nothing is accumulated across steps and nothing drifts (E3);
   * the real frames of the window (not the zero state at a stream's start, not warm-up frames:
     their positions come from the frame counter) combine as equal-sized parts do: the mean is
     the mean of the means, the variance the mean of the variances plus the mean squared deviation
@@ -134,8 +134,8 @@ class Norm(OpRule):
         shape[lay.time] = x.length
         shape.insert(0, shape.pop(lay.stream))       # states keep the stream first
         dtype, name = node.args[0].meta["val"].dtype, node.args[0].name
-        return {key: (tuple(shape), dtype, f"{key} of each of the last {x.length} frames of {name} "
-                      f"over the {self.what}'s other axes; combined each step")
+        return {key: (tuple(shape), dtype, f"{_STATS[key]} of each of the last {x.length} frames of "
+                      f"{name} over the {self.what}'s other axes; combined each step")
                 for key in self.keys(lay)}
 
     def keys(self, lay: Layout) -> tuple[str, ...]:
@@ -171,6 +171,9 @@ class Norm(OpRule):
 
     def frame_local(self, node, args, kwargs):
         return node.target(*args, **kwargs)
+
+
+_STATS = {"mean": "mean", "var": "variance", "square": "mean square"}
 
 
 def _outputs(node, x, rest=None):
