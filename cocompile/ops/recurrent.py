@@ -29,7 +29,7 @@ from torch._C import DispatchKey
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..errors import Refusal
-from ..timeinfo import CLIP, STATIC, TimeInfo
+from ..timeinfo import CLIP, STATIC, TIME, TimeInfo
 from .frames import symbolic_shape
 from .registry import OpRule, register_op
 from .schema import bind
@@ -37,7 +37,11 @@ from .window import frame_positions
 
 aten = torch.ops.aten
 GATES = {aten.gru.input: 3, aten.lstm.input: 4, aten.rnn_tanh.input: 1, aten.rnn_relu.input: 1}
+CELL_OPS = (aten.gru_cell.default, aten.lstm_cell.default, aten.rnn_tanh_cell.default,
+            aten.rnn_relu_cell.default)
 ZEROS = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
+VIEWS = (aten.unsqueeze.default, aten.expand.default, aten.view.default, aten.reshape.default,
+         aten.contiguous.default, aten.clone.default)
 CELL_HINT = ("write the recurrence as nn.GRU / nn.LSTM / nn.RNN over the frames, or as "
              "`for t in range(x.shape[1]): h = cell(x[:, t], h)` over every frame in order, with "
              "one cell and a start state that does not depend on the frames (zeros or a parameter)")
@@ -155,9 +159,9 @@ class Recurrent(OpRule):
             raise Refusal("recurrent layer in training mode (dropout between its layers is random)",
                           "compile the model in eval mode")
         x, axis = an.info(node.args[0]), 1 if a["batch_first"] else 0
-        if x.kind != "time" or x.merged or x.dim != axis:
+        if x.kind != TIME or x.merged or x.dim != axis:
             raise Refusal(f"the layer runs its recurrence over axis {axis} of its input, but time is "
-                          + (f"on axis {x.dim}" if x.kind == "time" else f"a {x.kind} value") +
+                          + (f"on axis {x.dim}" if x.kind == TIME else f"a {x.kind} value") +
                           (" merged with other axes" if x.merged else ""),
                           "give the layer its frames along the sequence axis: (N, T, F) with "
                           "batch_first=True, or (T, N, F)")
@@ -210,8 +214,7 @@ class Recurrent(OpRule):
         """Which of the chunk's n frames are warm-up, and which is the input's offline frame 0.
         The start mask is left out when every initial value is a zeros op (the zero state)."""
         info = ctx.info(node.args[0])
-        zero = all(isinstance(h, torch.fx.Node) and h.target in ZEROS
-                   for h in _initial(self._args(node)))
+        zero = all(_zeros(h) for h in _initial(self._args(node)))
         if n == 0 or (info.warmup <= 0 and zero):
             return Masks(None, None)
         pos = frame_positions(ctx, info.rate, n, rows)
@@ -219,42 +222,54 @@ class Recurrent(OpRule):
                      None if zero else pos == info.warmup)
 
 
+def _zeros(node) -> bool:
+    """Whether the graph value `node` is all zeros by construction (a zeros op, maybe reshaped)."""
+    while isinstance(node, torch.fx.Node) and node.target in VIEWS:
+        node = node.args[0]
+    return isinstance(node, torch.fx.Node) and node.target in ZEROS
+
+
 @contextlib.contextmanager
 def shapes_only():
-    """Within this context torch's recurrent layers compute fake tensors (torch.export's values)
-    from their arguments' shapes alone. Otherwise torch computes them with its Python
-    decomposition, one op per frame and layer, each slow with a symbolic batch (a 2-layer GRU
-    over 256 frames: minutes). Real tensors and the captured graph (the op, whole) are unchanged.
+    """Within this context torch's recurrent layers and cells compute fake tensors (torch.export's
+    values) from their arguments' shapes alone. Otherwise torch computes them op by op (a layer:
+    several per frame and layer), each slow with a symbolic batch (a 2-layer GRU over 256
+    frames: minutes). Real tensors and the captured graph (the op, whole) are unchanged.
 
     >>> with shapes_only():
     ...     ep = torch.export.export(model, (clip,))
     """
     keys = (DispatchKey.CompositeImplicitAutograd, DispatchKey.Autograd)
-    saved = {(op, k): op.py_kernels[k] for op in GATES for k in keys if k in op.py_kernels}
+    saved = {(op, k): op.py_kernels.get(k) for op in (*GATES, *CELL_OPS) for k in keys}
     for (op, k), kernel in saved.items():
-        op.py_kernels[k] = _shapes(kernel)
+        op.py_kernels[k] = _shapes(op, kernel)
         op._dispatch_cache.clear()
     try:
         yield
     finally:
         for (op, k), kernel in saved.items():
-            op.py_kernels[k] = kernel
+            if kernel is None:
+                del op.py_kernels[k]
+            else:
+                op.py_kernels[k] = kernel
             op._dispatch_cache.clear()
 
 
-def _shapes(kernel):
-    """`kernel`, except on fake tensors: outputs shaped as the op's (y, then each initial state's)."""
+def _shapes(op, kernel):
+    """`op`'s Python kernel `kernel` (None: its C++ decomposition), except on fake tensors: the new
+    state shaped as the initial one, and for a layer first its output y."""
     def run(input, hx, *rest):
         if not isinstance(input, FakeTensor):
-            return kernel(input, hx, *rest)
-        hs = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-        width = hs[0].shape[-1] * (2 if rest[5] else 1)          # rest[5]: bidirectional
-        return (input.new_empty((*input.shape[:-1], width)), *(h.new_empty(h.shape) for h in hs))
+            return kernel(input, hx, *rest) if kernel else op.decompose(input, hx, *rest)
+        new = [h.new_empty(h.shape) for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+        if op in CELL_OPS:
+            return tuple(new) if len(new) > 1 else new[0]
+        width = new[0].shape[-1] * (2 if rest[5] else 1)          # rest[5]: bidirectional
+        return (input.new_empty((*input.shape[:-1], width)), *new)
     return run
 
 
-@register_op(aten.gru_cell.default, aten.lstm_cell.default, aten.rnn_tanh_cell.default,
-             aten.rnn_relu_cell.default)
+@register_op(*CELL_OPS)
 class Cell(OpRule):
     """A recurrent cell on a value that carries frames: a loop over frames that
     passes/fuse_cell_loops.py did not turn into a recurrent layer."""
