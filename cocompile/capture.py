@@ -10,6 +10,7 @@ from torch.export import Dim, export
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError
+from .inputs import Inputs
 from .ops.recurrent import shapes_only
 
 
@@ -17,31 +18,22 @@ from .ops.recurrent import shapes_only
 class Captured:
     gm: fx.GraphModule            # core-ATen graph; parameters and buffers are placeholders
     consts: dict                  # placeholder name -> tensor (parameters, buffers, constants)
-    input_name: str               # placeholder of the clip
+    input_names: list[str]        # placeholders of the model's inputs, in pytree order
     out_spec: pytree.TreeSpec     # structure of model(clip)
     dynamic_batch: bool
 
-
-def check_example(example, time_dim: int) -> None:
-    """Refuse inputs the compiler cannot stream, with the fix."""
-    if not isinstance(example, torch.Tensor):
-        raise CompileError(f"example_input must be one tensor (got {type(example).__name__})",
-                           hint="pass the clip tensor, e.g. torch.randn(1, 3, 16, 112, 112)")
-    if not example.is_floating_point():
-        raise CompileError(f"example_input has dtype {example.dtype}; continual steps need floating "
-                           "point frames", hint="pass example.float()")
-    ndim = example.dim()
-    if not -ndim <= time_dim < ndim or time_dim % ndim == 0:
-        raise CompileError(f"time_dim={time_dim} is not an axis of the example of shape "
-                           f"{tuple(example.shape)} (axis 0 is the batch)",
-                           hint="pass time_dim= the axis that indexes frames, e.g. 2 for (N, C, T, H, W)")
+    @property
+    def input_name(self) -> str:
+        """The placeholder of the first input (the clip, for a model of one input)."""
+        return self.input_names[0]
 
 
-def capture(model, example: torch.Tensor, time_dim: int,
-            decompose: bool = False) -> Captured:
+def capture(model, example, inputs, decompose: bool = False) -> Captured:
     """torch.export the model on the example clip; batch stays dynamic where the model allows.
     The graph is torch.export's ATen IR (conv3d, batch_norm, linear, ... stay whole); with
     `decompose`, the core-ATen decomposition of it (slower to make, more ops have rules)."""
+    if isinstance(inputs, int):                   # one time axis for every input
+        inputs = Inputs.describe(model, example, inputs)
     if isinstance(model, torch.export.ExportedProgram):
         from .loading import plain_module
         model = plain_module(model)               # an inference graph without the export's guards
@@ -55,7 +47,7 @@ def capture(model, example: torch.Tensor, time_dim: int,
         pass
     try:
         with shapes_only():             # RNNs' fake values from shapes, not frame by frame
-            ep, dynamic = _export(model, example)
+            ep, dynamic = _export(model, inputs.args(example))
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -74,7 +66,7 @@ def capture(model, example: torch.Tensor, time_dim: int,
             consts[spec.arg.name] = ep.state_dict[spec.target]
         else:
             consts[spec.arg.name] = ep.constants[spec.target]
-    return Captured(ep.graph_module, consts, user[0], ep.call_spec.out_spec, dynamic)
+    return Captured(ep.graph_module, consts, user, ep.call_spec.out_spec, dynamic)
 
 
 _DROPOUTS = {getattr(torch.ops.aten, name).default for name in (
@@ -102,23 +94,34 @@ def _explicit_squeeze(graph: fx.Graph) -> None:
             node.args = (node.args[0], [d for d, s in enumerate(shape) if isinstance(s, int) and s == 1])
 
 
-def _export(model, example):
-    clip = example if example.shape[0] > 1 else example.expand(2, *example.shape[1:]).clone()
+def _export(model, args: tuple):
+    """torch.export on `args` with the batch axis (axis 0 of every input) dynamic; a batch of one
+    is widened to two so that export does not specialise it. Falls back to a fixed batch."""
+    wide = pytree.tree_map(lambda t: t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone(), args)
+    batch = Dim("batch")
     try:
-        return export(model, (clip,), dynamic_shapes=({0: Dim("batch")},)), True
+        return export(model, wide, dynamic_shapes=pytree.tree_map(lambda t: {0: batch}, args)), True
     except Exception as dyn_err:  # noqa: BLE001 - retry with a fixed batch, report the first reason
         try:
-            ep = export(model, (example,))
+            ep = export(model, args)
         except Exception as err:  # noqa: BLE001
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if "size" in reason and ("ernel" in reason or "too small" in reason):
-                raise CompileError(f"the example clip ({example.shape[1:]}) is shorter than the "
-                                   f"model's receptive field: {reason}",
-                                   hint="pass an example clip with at least as many frames as one "
-                                        "output needs (the clip length the model is meant for)") from None
-            raise CompileError(f"torch.export could not capture the model: {reason}",
-                               hint="make forward() exportable (no data-dependent Python control "
-                                    "flow on tensor values; see torch.export's documentation)") from None
+            raise _capture_error(err, args) from None
         warnings.warn("the batch size is fixed to the example's "
-                      f"({example.shape[0]}): {str(dyn_err).strip().splitlines()[0]}", stacklevel=3)
+                      f"({_batch(args)}): {str(dyn_err).strip().splitlines()[0]}", stacklevel=3)
         return ep, False
+
+
+def _batch(args) -> int:
+    return pytree.tree_leaves(args)[0].shape[0]
+
+
+def _capture_error(err: Exception, args) -> CompileError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    shapes = ", ".join(str(tuple(t.shape)) for t in pytree.tree_leaves(args))
+    if "size" in reason and ("ernel" in reason or "too small" in reason):
+        return CompileError(f"the example clip ({shapes}) is shorter than the model's receptive "
+                            f"field: {reason}", hint="pass an example clip with at least as many frames "
+                            "as one output needs (the clip length the model is meant for)")
+    return CompileError(f"torch.export could not capture the model: {reason}",
+                        hint="make forward() exportable (no data-dependent Python control flow on "
+                             "tensor values; see torch.export's documentation)")

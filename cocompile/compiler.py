@@ -19,19 +19,23 @@ from cocompile.passes.split_projections import split_projections
 from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
 
 from . import ops  # noqa: F401  (registers the op rules)
-from .capture import capture, check_example
+from .capture import capture
 from .errors import CompileError
+from .inputs import Inputs
 from .model import ContinualModel
 from .step import StepProgram, TracedStep
 from .timeinfo import META
 from .verify import check_clip
 
 
-def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int = 2,
+def compile(model: torch.nn.Module, example_input, time_dim=2,
             step_frames: int | None = None, approximate: bool = False,
             trace: bool = True, verify: bool = True) -> ContinualModel:
     """Compile an offline clip model into a continual model that reads frames as they arrive.
 
+    `example_input` is the clip (a tensor), a tuple of positional inputs, or any pytree of tensors
+    the model takes (`[slow, fast]`); `time_dim` is one axis for all, or the same structure with
+    None for side inputs that carry no time (see cocompile.inputs).
     With trace=True the first step of each batch size traces the step into a plain ATen graph
     (about as long as one interpreted step of a large model) that later steps run; trace=False
     keeps running the graph interpreter (slower per step). Artifacts trace on export either way.
@@ -42,17 +46,16 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
     >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 64, 64), time_dim=2)
     >>> torch.testing.assert_close(co.forward_steps(clip), model(clip))
     """
-    check_example(example_input, time_dim)
-    time_dim %= example_input.dim()
+    inputs = Inputs.describe(model, example_input, time_dim)
     try:
-        co = _compile(model, example_input, time_dim, step_frames, approximate, trace, False)
+        co = _compile(model, example_input, inputs, step_frames, approximate, trace, False)
     except CompileError as err:
         if not err.no_rule:
             raise
         first = err
         # an op without a rule: its core-ATen decomposition may consist of ops that have rules
         try:
-            co = _compile(model, example_input, time_dim, step_frames, approximate, trace, True)
+            co = _compile(model, example_input, inputs, step_frames, approximate, trace, True)
         except CompileError as err:
             raise (first if err.no_rule else err) from None    # name the op as the user wrote it
     if verify:
@@ -61,10 +64,10 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, time_dim: int =
     return co
 
 
-def _prepare(model, example_input, time_dim: int, decompose: bool):
+def _prepare(model, example_input, inputs: Inputs, decompose: bool):
     """The captured graph with the rewrites that do not need the time analysis."""
     # capture: torch.export at the example clip length, eval mode, batch kept dynamic
-    cap = capture(model, example_input, time_dim, decompose)
+    cap = capture(model, example_input, inputs, decompose)
     # rewrite: eval BatchNorm folded into the convolution before it (one op less per step)
     fold_batchnorm(cap.gm, cap.consts)
     # rewrite: attention written as matmul-softmax-matmul becomes one attention op
@@ -72,22 +75,22 @@ def _prepare(model, example_input, time_dim: int, decompose: bool):
     # rewrite: packed q/k/v projections split, so a query can be projected alone
     split_projections(cap.gm)
     # rewrite: position encodings folded through the Linears after them (cached projections stay)
-    fold_positions(cap.gm, cap.input_name)
+    fold_positions(cap.gm, cap.input_names)
     # rewrite: values computed from constants only (weight slices, projected tables) computed once
-    fold_constants(cap.gm, cap.consts, cap.input_name)
-    # rewrite: a loop of RNN cells over the frames becomes one recurrent layer (state: its hidden state)
-    fuse_cell_loops(cap.gm, cap.input_name)
+    fold_constants(cap.gm, cap.consts, cap.input_names)
+    # rewrite: GRUCell/LSTMCell/RNNCell loops unrolled by export become one recurrent layer op
+    fuse_cell_loops(cap.gm, cap.input_names)
     return cap
 
 
-def _analyser(model, example_input, time_dim, approximate, decompose, cap):
+def _analyser(model, example_input, inputs: Inputs, approximate, decompose, cap):
     """TimeAnalysis of the captured graph, made with a shape probe (a second capture at twice the
     clip length) when the example clip leaves some value's time axis in doubt."""
-    T = example_input.shape[time_dim]
-    inputs = {cap.input_name: time_dim}
+    T = inputs.clip_length
+    by_name = dict(zip(cap.input_names, inputs.specs))
 
     def analysis(probe=None):
-        return TimeAnalysis(cap.gm, inputs, T, approximate, cap.consts, probe=probe)
+        return TimeAnalysis(cap.gm, by_name, T, approximate, cap.consts, probe=probe)
     an = analysis()
     try:
         an.run()
@@ -97,9 +100,10 @@ def _analyser(model, example_input, time_dim, approximate, decompose, cap):
     if not an.doubts:
         return analysis
     node, why = next(iter(an.doubts.items()))
-    longer = torch.cat([example_input, example_input], time_dim)
+    leaves = [torch.cat([t, t], s.time_dim) if s.is_time else t
+              for t, s in zip(inputs.leaves(example_input), inputs.specs)]
     try:
-        second = _prepare(model, longer, time_dim, decompose)
+        second = _prepare(model, inputs.unflatten(leaves), inputs, decompose)
     except CompileError as err:
         raise CompileError(f"{why} ({node.name}), so the example clip cannot show which axis holds "
                            f"time, and capturing the model at {2 * T} frames to find out failed: "
@@ -109,12 +113,12 @@ def _analyser(model, example_input, time_dim, approximate, decompose, cap):
     return lambda: analysis(probe)
 
 
-def _compile(model, example_input, time_dim, step_frames, approximate, trace, decompose):
-    T = example_input.shape[time_dim]
-    cap = _prepare(model, example_input, time_dim, decompose)
+def _compile(model, example_input, inputs, step_frames, approximate, trace, decompose):
+    T = inputs.clip_length
+    cap = _prepare(model, example_input, inputs, decompose)
     # analyse: time axis, rate, warm-up and receptive field of every value; which joins need
     # delays (where the example clip leaves an axis in doubt, a second capture settles it)
-    analysis = _analyser(model, example_input, time_dim, approximate, decompose, cap)
+    analysis = _analyser(model, example_input, inputs, approximate, decompose, cap)
     analysis().run()
     # rewrite: affine ops after a mean over the clip (a classifier) run per frame before it, so
     # its window keeps their smaller result
@@ -141,10 +145,10 @@ def _compile(model, example_input, time_dim, step_frames, approximate, trace, de
     # state: one named buffer per temporal window, delay and clip window, plus the frame counter
     specs = assign_states(cap.gm, an)
     # step program: the graph run per chunk by the step rules; traced per batch size on first use
-    program = StepProgram(cap.gm, cap.consts, cap.input_name, specs, c, T)
+    program = StepProgram(cap.gm, cap.consts, cap.input_names, specs, c, T)
     step_fn = TracedStep(program) if trace else program
     out_infos = list(next(n for n in cap.gm.graph.nodes if n.op == "output").meta[META])
-    return ContinualModel(program, step_fn, cap.out_spec, out_infos, example_input, time_dim, approximate)
+    return ContinualModel(program, step_fn, cap.out_spec, out_infos, inputs, example_input, approximate)
 
 
 def _step_frames(gm, wanted: int | None, clip_length: int) -> int:

@@ -76,7 +76,8 @@ class Inspection:
         if any(r.form and not _attention_form(r.form) for r in self.layers):
             rows.append("form: how a temporal conv steps (window: conv over buffered input frames; fold: "
                         "taps folded into channels; partial: partial sums kept; -mm: as a matrix product over rows; "
-                        "mm: a kernel of ones as one matrix product; *: forced)")
+                        "mm: a kernel of ones as one matrix product; overlap: transposed conv, partial sums of its next "
+                        "frames kept; *: forced)")
         if any(_attention_form(r.form) for r in self.layers):
             rows.append("attention over time: single (newest queries against cached keys/values), "
                         "causalW (key/value cache of a W-frame causal band), rerun (re-run over the "
@@ -111,13 +112,13 @@ class _StepCounter(_Counting, StepInterpreter):
 def count_flops(co: ContinualModel, batch_size: int = 1) -> tuple[dict, dict]:
     """FLOPs per node for one step (from the zero state) and for the offline clip."""
     prog = co.program
-    clip = torch.randn(co._chunk_shape(batch_size, co.clip_length), dtype=co.dtype)
+    clip = co.example_inputs(batch_size, frames=co.clip_length)
     offline = _ClipCounter(prog.gm)
-    offline.run(*prog._args(clip))
+    offline.run(*prog._args(*clip))
     state = co.initial_state(batch_size)
     named = {s.name: t for s, t in zip(co.specs[1:], state[1:])}
     step = _StepCounter(prog.gm, "step", named, state[0], co.clip_length)
-    step.run(*prog._args(clip.narrow(co.time_dim, 0, co.step_frames)))
+    step.run(*prog._args(*co.inputs.window(clip, 0, co.step_frames)))
     return step.flops, offline.flops
 
 

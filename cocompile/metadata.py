@@ -69,8 +69,9 @@ def output_names(co) -> list[str]:
 
 
 def input_names(co) -> list[str]:
-    """`x`, then every state's name in step order."""
-    return [INPUT_NAME] + [s.name for s in co.specs]
+    """The model's inputs (`x`, or `x.0`, `x.1`, `lengths`, ... for several), then every state's
+    name in step order."""
+    return [s.name for s in co.inputs.specs] + [s.name for s in co.specs]
 
 
 def all_output_names(co) -> list[str]:
@@ -86,7 +87,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def compiled_batch(co) -> int | None:
     """None when the step serves any batch size; the one it serves when the model pinned it."""
     prog = co.program
-    node = next(n for n in prog.gm.graph.nodes if n.op == "placeholder" and n.name == prog.input_name)
+    node = next(n for n in prog.gm.graph.nodes if n.op == "placeholder" and n.name in prog.input_names)
     size = node.meta["val"].shape[0]
     return size if isinstance(size, int) else None
 
@@ -133,6 +134,18 @@ def _frames(n) -> int | None:
     return None if n == math.inf else int(n)
 
 
+def _input(spec, co, batch: int | None) -> dict:
+    """One model input: its chunk of a step; time inputs with their rate (frames per frame of
+    the fastest input) and frames per step, side inputs ("time_axis": null) passed whole."""
+    dtype = co.dtype if spec.dtype.is_floating_point else spec.dtype
+    entry = {"name": spec.name, "shape": spec.chunk_shape(batch, co.step_frames),
+             "dtype": dtype_name(dtype), "batch_axis": 0, "time_axis": spec.time_dim}
+    if spec.is_time:
+        entry.update(rate=str(spec.rate), rate_num=int(spec.rate.p), rate_den=int(spec.rate.q),
+                     frames_per_step=spec.frames(co.step_frames), clip_frames=int(spec.length))
+    return entry
+
+
 def _state(spec, batch: int | None) -> dict:
     return {"name": spec.name, "output": next_state_name(spec.name), "shape": [batch, *spec.shape],
             "dtype": dtype_name(spec.dtype), "init": spec.init, "doc": spec.doc}
@@ -140,9 +153,9 @@ def _state(spec, batch: int | None) -> dict:
 
 def _output_shapes(co, batch: int) -> list[tuple]:
     """Shapes of one step's outputs (from running one step on the zero state)."""
-    shape = co._chunk_shape(batch, co.step_frames)
+    xs = [torch.zeros_like(t) for t in co.example_inputs(batch)]
     with torch.no_grad():
-        outs, _ = co.step(torch.zeros(shape, dtype=co.dtype), co.initial_state(batch))
+        outs, _ = co.step(co.inputs.unflatten(xs), co.initial_state(batch))
     return [tuple(t.shape) for t in pytree.tree_leaves(outs)]
 
 
@@ -154,7 +167,6 @@ def cocompile_version() -> str:
 def metadata(co) -> dict:
     """The JSON-ready description of a ContinualModel's step (see the module docstring)."""
     batch = compiled_batch(co)
-    chunk = co._chunk_shape(batch, co.step_frames)
     shapes = _output_shapes(co, batch or 1)
     outputs = [_output(n, i, s, co.step_frames, batch)
                for n, i, s in zip(output_names(co), co.out_infos, shapes)]
@@ -164,8 +176,8 @@ def metadata(co) -> dict:
         "step_frames": int(co.step_frames), "clip_length": int(co.clip_length),
         "delay": int(co.delay), "receptive_field": _frames(co.receptive_field),
         "approximate": co.approximate, "exact_sliding": co.exact_sliding,
-        "inputs": [{"name": INPUT_NAME, "shape": chunk, "dtype": dtype_name(co.dtype),
-                    "batch_axis": 0, "time_axis": co.time_dim}],
+        "inputs": [_input(s, co, batch) for s in co.inputs.specs],
+        "input_structure": pytree.treespec_dumps(co.inputs.tree),
         "outputs": outputs,
         "batch": batch,
         "states": [_state(s, batch) for s in co.specs],

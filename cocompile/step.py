@@ -76,42 +76,56 @@ class StepInterpreter(fx.Interpreter):
     def _no_frames(self, node, info):
         """Flush output of a value with no missing frames: an empty chunk of the right shape."""
         val = node.meta["val"]
-        return torch.zeros(meta_shape(node, self.batch, 0, info), dtype=val.dtype)
+        return torch.zeros(meta_shape(node, self.batch, 0, info), dtype=val.dtype, device=self.frames.device)
 
 
 class StepProgram(torch.nn.Module):
-    """nn.Module form of one step, with the model's parameters as buffers."""
+    """nn.Module form of one step, with the model's parameters as buffers:
+    forward(*inputs, frames, *states) -> (*outputs, frames + step_frames, *next_states), one
+    input per model input leaf (time inputs with their frames of the step, side inputs whole)."""
 
-    def __init__(self, gm: fx.GraphModule, consts: dict, input_name: str, specs: list[StateSpec],
+    def __init__(self, gm: fx.GraphModule, consts: dict, input_names: list[str], specs: list[StateSpec],
                  step_frames: int, clip_length: int):
         super().__init__()
         self.gm, self.specs = gm, specs
         self.step_frames, self.clip_length = step_frames, clip_length
         self.order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self.input_name = input_name
+        self.input_names = list(input_names)
         self.portable = False          # see StepInterpreter; set while an ONNX artifact is written
         for name, t in consts.items():
             self.register_buffer(name, t.detach().clone(), persistent=True)
 
-    def _args(self, x):
-        return [x if name == self.input_name else getattr(self, name) for name in self.order]
+    @property
+    def input_name(self) -> str:
+        return self.input_names[0]
 
-    def forward(self, x, frames, *states):
+    def _args(self, *xs):
+        given = dict(zip(self.input_names, xs))
+        return [given[name] if name in given else getattr(self, name) for name in self.order]
+
+    def forward(self, *args):
+        xs, frames, states = self._split(args)
         named = {s.name: t for s, t in zip(self.specs[1:], states)}
         it = StepInterpreter(self.gm, "step", named, frames, self.clip_length, self.portable)
-        outs = it.run(*self._args(x))
+        outs = it.run(*self._args(*xs))
         nxt = [it.next_states[s.name] for s in self.specs[1:]]
         return (*outs, frames + self.step_frames, *nxt)
 
-    def flush(self, x_empty, frames, *states):
-        """Outputs still missing at the end of a clip (per-frame: the rest; clip-level: final)."""
+    def flush(self, *args):
+        """Outputs still missing at the end of a clip (per-frame: the rest; clip-level: final);
+        time inputs come with no frames, side inputs as in the steps."""
+        xs, frames, states = self._split(args)
         named = {s.name: t for s, t in zip(self.specs[1:], states)}
         it = StepInterpreter(self.gm, "flush", named, frames, self.clip_length, self.portable)
-        return it.run(*self._args(x_empty))
+        return it.run(*self._args(*xs))
+
+    def _split(self, args):
+        n = len(self.input_names)
+        return args[:n], args[n], args[n + 1:]
 
 
 class TracedStep:
-    """`program`'s step as plain ATen graphs, one per signature of (x, *state) (in practice one per
+    """`program`'s step as plain ATen graphs, one per signature of (*inputs, *state) (in practice one per
     batch size), each traced on its first call. Tracing interprets the graph once on fake tensors
     with concrete shapes (make_fx), a fraction of the time of a torch.export with a symbolic batch;
     pre-dispatch keeps the ops torch.export would (conv3d, linear), so the graph runs what the
@@ -125,22 +139,23 @@ class TracedStep:
         self.program = program
         self.graphs: dict = {}
 
-    def __call__(self, x, *state):
-        key = tuple((t.shape, t.dtype) for t in (x, *state))
+    def __call__(self, *args):
+        key = tuple((t.shape, t.dtype) for t in args)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._trace(x, state)
-        return graph(x, *state)
+            graph = self.graphs[key] = self._trace(args)
+        return graph(*args)
 
-    def _trace(self, x, state):
-        """The traced graph for inputs shaped like (x, *state), or the interpreter if it cannot be
-        traced (it computes the same step, only slower)."""
-        _check_state(self.program.specs, state, x.shape[0])
+    def _trace(self, args):
+        """The traced graph for arguments shaped like (*inputs, *state), or the interpreter if it
+        cannot be traced (it computes the same step, only slower)."""
+        n = len(self.program.input_names)
+        _check_state(self.program.specs, args[n:], args[0].shape[0])
         # outer dispatch modes (e.g. a FLOP counter around co.step) must see the run, not the trace
         try:
             with _disable_current_modes(), torch.no_grad():
                 gm = make_fx(self.program, tracing_mode="fake", _allow_non_fake_inputs=True,
-                             pre_dispatch=True)(x, *state)
+                             pre_dispatch=True)(*args)
                 tidy_step(gm)
                 return gm
         except Exception as err:  # noqa: BLE001 - the interpreter still computes the same step

@@ -118,22 +118,24 @@ def _float64(model: torch.nn.Module, dtype: torch.dtype):
         return None
 
 
-def _truth(wide, x: torch.Tensor, n: int) -> list:
+def _truth(wide, co, x, n: int) -> list:
     """The float64 model's outputs on `x` (n Nones without it, or when it cannot run)."""
     if wide is not None:
+        x = pytree.tree_map(lambda t: t.double() if t.is_floating_point() else t, x)
         try:
-            return pytree.tree_leaves(wide(x.double()))
+            return pytree.tree_leaves(wide(*co.inputs.args(x)))
         except Exception:  # noqa: BLE001 - e.g. a dtype cast the captured graph keeps
             pass
     return [None] * n
 
 
-def _outputs(model, x: torch.Tensor) -> list:
-    """model(x) as leaves; a model without kernels for x's dtype on x's device is a CompileError."""
+def _outputs(model, co, x) -> list:
+    """model(x) as leaves (x in the structure of the model's inputs); a model without kernels for
+    its dtype on x's device is a CompileError."""
     try:
-        return pytree.tree_leaves(model(x))
+        return pytree.tree_leaves(model(*co.inputs.args(x)))
     except NotImplementedError as err:
-        raise CompileError(f"the model does not run in {x.dtype} on {x.device}: "
+        raise CompileError(f"the model does not run in {co.dtype} on {co.device}: "
                            f"{str(err).strip().splitlines()[0]}",
                            hint="the continual model runs the same kernels: use it where they exist "
                                 "(e.g. float16 on CUDA) or another dtype; compile(..., verify=False) "
@@ -160,7 +162,7 @@ def verify(model: torch.nn.Module, co: ContinualModel, clip: torch.Tensor,
     with _evaluating(model):
         report = Report(approximate=co.approximate, exact_sliding=co.exact_sliding,
                         horizon=max(i.horizon for i in co.out_infos))
-        wide = _float64(model, clip.dtype)        # ground truth of float16/bfloat16 models
+        wide = _float64(model, co.dtype)          # ground truth of float16/bfloat16 models
         report.checks += _clip_checks(model, co, clip, wide)
         report.checks += _sliding(model, co, clip, sliding_steps, wide)
         return report
@@ -175,7 +177,7 @@ def check_clip(model: torch.nn.Module, co: ContinualModel, clip: torch.Tensor) -
     >>> check_clip(model, co, clip)        # silent when E1 holds
     """
     with _evaluating(model):
-        checks = _clip_checks(model, co, clip, _float64(model, clip.dtype))
+        checks = _clip_checks(model, co, clip, _float64(model, co.dtype))
     co.deviation = max((c.error / c.scale for c in checks), default=0.0)
     bad = [c for c in checks if c.claimed and not c.ok]
     if bad:
@@ -206,12 +208,12 @@ def _evaluating(model):
 def _clip_checks(model, co: ContinualModel, clip, wide=None) -> list[Check]:
     """E1: every output of stepping through `clip` and flushing against model(clip) (and against
     `wide`(clip), the float64 ground truth, for float16/bfloat16 models: see _judge)."""
-    ref = _outputs(model, clip)
+    ref = _outputs(model, co, clip)
     got = pytree.tree_leaves(co.forward_steps(clip))
     if len(got) != len(ref):
         return [Check("E1", 0, float("inf"), _bound(ref[0]), not co.approximate,
                       f"is one of {len(got)} outputs where the model has {len(ref)}")]
-    truth = _truth(wide, clip, len(ref))
+    truth = _truth(wide, co, clip, len(ref))
     return [Check("E1", i, claimed=not co.approximate, detail=_shapes(g, r), **_judge(g, r, t))
             for i, (r, g, t) in enumerate(zip(ref, got, truth))]
 
@@ -222,29 +224,40 @@ def _shapes(got, ref) -> str:
     return f"has shape {tuple(got.shape)} where the model's has {tuple(ref.shape)}"
 
 
+def _continued(co: ContinualModel, leaves: list, frames: int) -> list:
+    """Each time input continued by `frames` frames (of the fastest input) of random values at the
+    clip's scale; side inputs as they are."""
+    out = []
+    for t, s in zip(leaves, co.inputs.specs):
+        if s.is_time:
+            shape = list(t.shape)
+            shape[s.time_dim] = s.frames(frames)
+            extra = torch.randn(shape, dtype=t.dtype, device=t.device) * t.std() + t.mean()
+            t = torch.cat([t, extra], s.time_dim)
+        out.append(t)
+    return out
+
+
 def _sliding(model, co: ContinualModel, clip, steps, wide=None) -> list[Check]:
     """E2: after every step from the first at which the clip-level outputs are valid, compare them
     with the model on the last T frames, for `steps` steps (default: one clip's worth)."""
     clip_outs = [i for i, info in enumerate(co.out_infos) if info.per_step]
-    c, T, td = co.step_frames, co.clip_length, co.time_dim
+    c, T = co.step_frames, co.clip_length
     steps = T // c if steps is None else steps
     if not clip_outs or steps <= 0:
         return []
     first = max([T] + [co.out_infos[i].ready for i in clip_outs])
     first = -(-first // c) * c                         # whole steps
-    shape = list(clip.shape)
-    shape[td] = first - T + steps * c
-    extra = torch.randn(shape, dtype=clip.dtype, device=clip.device) * clip.std() + clip.mean()
-    stream = torch.cat([clip, extra], td)
-    state, errs = co.initial_state(clip.shape[0]), {i: (0.0, 0.0, 1.0) for i in clip_outs}
-    for k, chunk in enumerate(stream.split(c, dim=td)):
-        outs, state = co.step(chunk, state)
+    stream = _continued(co, co.inputs.leaves(clip), first - T + steps * c)
+    state, errs = co.initial_state(stream[0].shape[0]), {i: (0.0, 0.0, 1.0) for i in clip_outs}
+    for k, chunk in enumerate(co.inputs.steps(stream, c)):
+        outs, state = co.step(co.inputs.unflatten(chunk), state)
         end = (k + 1) * c
         if end < first:
             continue
-        window = stream.narrow(td, end - T, T)
-        ref = pytree.tree_leaves(model(window))
-        truth, leaves = _truth(wide, window, len(ref)), pytree.tree_leaves(outs)
+        window = co.inputs.unflatten(co.inputs.window(stream, end - T, T))
+        ref = _outputs(model, co, window)
+        truth, leaves = _truth(wide, co, window, len(ref)), pytree.tree_leaves(outs)
         for i in clip_outs:
             e, b, s = errs[i]
             j = _judge(leaves[i], ref[i], truth[i])

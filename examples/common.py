@@ -21,7 +21,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """
     torch.manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear,
+                          torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
             torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 torch.nn.init.normal_(m.bias, std=0.1)
@@ -66,8 +67,10 @@ def run(name: str, model, clip, time_dim: int = 2, approximate: bool = False) ->
     report = cocompile.verify(model, co, clip)
     flops = cocompile_flops(model, co, clip)
     with torch.no_grad():
-        scale = max(float(y.abs().max()) for y in torch.utils._pytree.tree_leaves(model(clip)))
-    print(f"== {name}  input {tuple(clip.shape)}  (compile {t1 - t0:.1f}s, verify + FLOPs "
+        outs = model(*co.inputs.args(clip))
+        scale = max(float(y.abs().max()) for y in torch.utils._pytree.tree_leaves(outs))
+    shapes = " ".join(str(tuple(t.shape)) for t in torch.utils._pytree.tree_leaves(clip))
+    print(f"== {name}  input {shapes}  (compile {t1 - t0:.1f}s, verify + FLOPs "
           f"{time.perf_counter() - t1:.1f}s)")
     print(f"step_frames {co.step_frames}  clip_length {co.clip_length}  delay {co.delay}  "
           f"receptive field {co.receptive_field}")

@@ -66,9 +66,10 @@ def cocompile_flops(model: torch.nn.Module, co, clip: torch.Tensor) -> FlopCount
     >>> f.ratio      # step / (clip * step_frames / T)
     1.02
     """
-    chunk = clip.narrow(co.time_dim, 0, co.step_frames)
-    state = co.initial_state(clip.shape[0])
-    return FlopCount(clip=count_flops(model, clip), step=count_flops(co.step, chunk, state),
+    leaves = co.inputs.leaves(clip)
+    chunk = co.inputs.unflatten(co.inputs.window(leaves, 0, co.step_frames))
+    state = co.initial_state(leaves[0].shape[0])
+    return FlopCount(clip=count_flops(model, *co.inputs.args(clip)), step=count_flops(co.step, chunk, state),
                      clip_length=co.clip_length, step_frames=co.step_frames)
 
 

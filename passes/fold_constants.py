@@ -16,12 +16,13 @@ from torch import fx
 from cocompile.passes.fold_batchnorm import _new_const
 
 
-def fold_constants(gm: fx.GraphModule, consts: dict, input_name: str) -> int:
+def fold_constants(gm: fx.GraphModule, consts: dict, input_names) -> int:
     """Fold every constant-only value that a frame-dependent op reads; returns how many."""
+    input_names = {input_names} if isinstance(input_names, str) else set(input_names)
     varying, values, folded = set(), {}, 0
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            if n.name == input_name:
+            if n.name in input_names:
                 varying.add(n)
             else:
                 values[n] = consts.get(n.name)
@@ -41,7 +42,7 @@ def fold_constants(gm: fx.GraphModule, consts: dict, input_name: str) -> int:
             folded += 1
     gm.graph.eliminate_dead_code()
     for n in list(gm.graph.nodes):
-        if n.op == "placeholder" and n.name != input_name and not n.users:
+        if n.op == "placeholder" and n.name not in input_names and not n.users:
             consts.pop(n.name, None)
             gm.graph.erase_node(n)
     gm.graph.lint()

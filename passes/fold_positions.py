@@ -26,9 +26,9 @@ _LAYOUT = (aten.transpose.int, aten.permute.default, aten.contiguous.default, at
            aten.dropout.default, aten.alias.default)
 
 
-def fold_positions(gm: fx.GraphModule, input_name: str) -> int:
+def fold_positions(gm: fx.GraphModule, input_names) -> int:
     """Fold every constant addend through the Linears after it; returns how many were folded."""
-    const = _constant_nodes(gm, input_name)
+    const = _constant_nodes(gm, input_names)
     folded = 0
     for add in [n for n in gm.graph.nodes if n.target is aten.add.Tensor and not n.kwargs]:
         a, b = add.args[:2]
@@ -45,11 +45,12 @@ def fold_positions(gm: fx.GraphModule, input_name: str) -> int:
     return folded
 
 
-def _constant_nodes(gm, input_name) -> set:
+def _constant_nodes(gm, input_names) -> set:
     """Nodes whose value does not depend on the model input (parameters, buffers, tables)."""
+    input_names = {input_names} if isinstance(input_names, str) else set(input_names)
     varying = set()
     for n in gm.graph.nodes:
-        if (n.op == "placeholder" and n.name == input_name) or any(a in varying for a in n.all_input_nodes):
+        if (n.op == "placeholder" and n.name in input_names) or any(a in varying for a in n.all_input_nodes):
             varying.add(n)
     return {n for n in gm.graph.nodes if n not in varying and n.op != "output"}
 

@@ -50,19 +50,20 @@ class Loop:
         return self.cells[0].target is aten.lstm_cell.default
 
 
-def fuse_cell_loops(gm: fx.GraphModule, input_name: str) -> int:
+def fuse_cell_loops(gm: fx.GraphModule, input_names) -> int:
     """Fuse every loop of cells over frames; returns how many were fused.
 
-    >>> fuse_cell_loops(cap.gm, cap.input_name)      # a GRUCell loop over x[:, t]
+    >>> fuse_cell_loops(cap.gm, cap.input_names)      # a GRUCell loop over x[:, t]
     1
     """
+    input_names = {input_names} if isinstance(input_names, str) else set(input_names)
     fused = 0
     for first in [n for n in gm.graph.nodes if n.target in LAYERS and _previous(n) is None]:
         chain = _chain(first)
         frames = [_frame(c.args[0]) for c in chain]
         if any(f is None for f in frames):
             continue                             # not a loop over frames: the analysis decides
-        loop = _recognise(chain, frames, input_name)
+        loop = _recognise(chain, frames, input_names)
         if isinstance(loop, str):
             if len(chain) > 1:
                 raise error_at(first, f"a loop of {first.target} over frames was not recognised as "
@@ -138,7 +139,7 @@ def _whole(s: fx.Node) -> bool:
         end is None or end == size or (isinstance(end, int) and end >= 2 ** 62))
 
 
-def _recognise(chain, frames, input_name: str):
+def _recognise(chain, frames, input_names):
     """The Loop of a chain of cells over frames, or the reason it is not one."""
     first, n = chain[0], len(chain)
     value, axis = frames[0][:2]
@@ -151,7 +152,7 @@ def _recognise(chain, frames, input_name: str):
         return "its cells read frames of a value with other than 3 axes (batch, time, features)"
     if any(c.args[2:] != first.args[2:] for c in chain):
         return "its cells do not share one set of weights"
-    if any(_reads_frames(s, input_name, {}) for s in _state_of(first) if s is not None):
+    if any(_reads_frames(s, input_names, {}) for s in _state_of(first) if s is not None):
         return "its start state is computed from the frames"
     hs, cs = map(list, zip(*(_outputs(c) for c in chain)))
     if any(c is not None and set(c.users) - set(chain) for c in cs[:-1]):
@@ -159,13 +160,13 @@ def _recognise(chain, frames, input_name: str):
     return Loop(chain, value, axis, hs, cs)
 
 
-def _reads_frames(node, input_name: str, memo: dict) -> bool:
+def _reads_frames(node, input_names, memo: dict) -> bool:
     """Whether `node`'s value depends on the input's frames (reading only its sizes does not)."""
     if not isinstance(node, fx.Node):
         return False
     if node not in memo:
-        memo[node] = (node.op == "placeholder" and node.name == input_name) or (
-            node.target not in _SIZES and any(_reads_frames(a, input_name, memo) for a in node.all_input_nodes))
+        memo[node] = (node.op == "placeholder" and node.name in input_names) or (
+            node.target not in _SIZES and any(_reads_frames(a, input_names, memo) for a in node.all_input_nodes))
     return memo[node]
 
 

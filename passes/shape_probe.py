@@ -27,11 +27,12 @@ from cocompile.timeinfo import TIME, WINDOW, TimeInfo
 
 
 def _shape(val) -> tuple | None:
-    """Sizes of a value; None for the batch (symbolic) and for what is not a tensor."""
+    """Sizes of a value (None for what is not a tensor); sizes in the batch symbol are taken at a
+    batch of 7 streams, so that an axis merging time with the batch shows its growth too."""
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(int(s) if not isinstance(s, torch.SymInt) or s.node.expr.is_Integer else None
-                 for s in val.shape)
+    return tuple(int(s.node.expr.subs({b: 7 for b in s.node.expr.free_symbols}))
+                 if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
 
 
 def _shapes(node: fx.Node):
@@ -39,6 +40,13 @@ def _shapes(node: fx.Node):
     if isinstance(val, (tuple, list)):
         return tuple(_shape(v) for v in val)
     return _shape(val)
+
+
+def _signature(node: fx.Node) -> tuple:
+    """The op and the names of the values it reads: equal in both captures where they agree."""
+    names = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: names.append(a.name))
+    return (str(node.target), tuple(names))
 
 
 def _grown(a, b) -> set | None:
@@ -59,13 +67,13 @@ class ShapeProbe:
     @classmethod
     def between(cls, first: fx.GraphModule, second: fx.GraphModule, lengths: tuple[int, int]):
         def table(gm):
-            return {n.name: (n.target, _shapes(n)) for n in gm.graph.nodes if n.op == "call_function"}
+            return {n.name: (_signature(n), _shapes(n)) for n in gm.graph.nodes if n.op == "call_function"}
         return cls(table(first), table(second), lengths)
 
     def grown(self, node: fx.Node):
         a, b = self.first.get(node.name), self.second.get(node.name)
-        if a is None or b is None or a[0] is not node.target or b[0] is not node.target:
-            return None
+        if a is None or b is None or not a[0] == b[0] == _signature(node):
+            return None            # not the same op on the same values: the graphs differ here
         if isinstance(a[1], tuple) and a[1] and isinstance(a[1][0], tuple):
             if not isinstance(b[1], tuple) or len(a[1]) != len(b[1]):
                 return None

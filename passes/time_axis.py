@@ -35,7 +35,7 @@ class TimeAnalysis:
     values). Rules see this object as `an` and use `info`, `aligned`, `shape` and the fields."""
 
     gm: fx.GraphModule
-    inputs: dict            # placeholder name -> time dim
+    inputs: dict            # placeholder name -> InputSpec (or its time axis, for one input)
     clip_length: int
     approximate: bool = False
     consts: dict = field(default_factory=dict)          # placeholder name -> tensor
@@ -133,10 +133,12 @@ class TimeAnalysis:
 
     # -- dispatch on node.op ---------------------------------------------------------------------
     def _placeholder(self, node):
-        if node.name not in self.inputs:
+        spec = self.inputs.get(node.name)
+        if isinstance(spec, int):                   # one input: its time axis
+            return TimeInfo(TIME, dim=spec, length=self.clip_length)
+        if spec is None or not spec.is_time:        # constants, and side inputs without time
             return STATIC_INFO
-        dim = self.inputs[node.name]
-        return TimeInfo(TIME, dim=dim, length=self.clip_length)
+        return TimeInfo(TIME, dim=spec.time_dim, length=spec.length, rate=spec.rate)
 
     def _get_attr(self, node):
         return STATIC_INFO

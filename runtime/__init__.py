@@ -8,7 +8,7 @@
 >>> ys = streams.push(frames)               # frames: (8, *sess.frame_shape)
 >>> streams.reset(3)                        # stream 3 starts over, the others carry on
 """
-from .session import OutputInfo, Session
+from .session import InputInfo, OutputInfo, Session
 from .streams import Stream, Streams
 
-__all__ = ["Session", "Stream", "Streams", "OutputInfo"]
+__all__ = ["Session", "Stream", "Streams", "InputInfo", "OutputInfo"]

@@ -5,6 +5,9 @@ numpy and onnxruntime only: nothing here (or anywhere in cocompile.runtime) impo
 >>> sess = Session("co_model.onnx")
 >>> state = sess.initial_state(batch=2)
 >>> outputs, state = sess.step(x_chunk, state)      # x_chunk: (2, *sess.chunk_shape)
+
+An artifact of a model with several inputs (e.g. SlowFast's `[slow, fast]`, or frames and a side
+input) takes one array per input, in `sess.inputs` order (a list, or a dict by name).
 """
 from __future__ import annotations
 
@@ -16,6 +19,45 @@ import onnxruntime as ort
 
 KEY = "cocompile"
 FORMAT_VERSIONS = (1,)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One model input: its chunk per step (time inputs: `frames_per_step` frames on `time_axis`;
+    side inputs, time_axis None, whole), and one frame's shape."""
+
+    name: str
+    shape: tuple            # chunk shape without the batch axis
+    dtype: np.dtype
+    time_axis: int | None   # with the batch axis (0) counted
+    frames_per_step: int
+
+    @classmethod
+    def from_meta(cls, d: dict) -> "InputInfo":
+        return cls(d["name"], tuple(d["shape"][1:]), np.dtype(d["dtype"]), d.get("time_axis"),
+                   d.get("frames_per_step", 0))
+
+    @property
+    def is_time(self) -> bool:
+        return self.time_axis is not None
+
+    @property
+    def frame_shape(self) -> tuple:
+        return tuple(s for i, s in enumerate(self.shape, 1) if i != self.time_axis)
+
+    def check(self, x, batch: int | None = None) -> None:
+        """x must be an array of shape (batch, *shape) and this input's dtype."""
+        expected = f"(batch, {', '.join(map(str, self.shape))}) {self.dtype}"
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"{self.name} must be a numpy array of shape {expected}, got {type(x).__name__}")
+        if x.ndim != len(self.shape) + 1 or x.shape[1:] != self.shape or not len(x):
+            frames = (f" ({self.frames_per_step} frame{'s' * (self.frames_per_step != 1)} on axis "
+                      f"{self.time_axis})" if self.is_time else "")
+            raise ValueError(f"{self.name} has shape {x.shape}, expected {expected}{frames}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"{self.name} has dtype {x.dtype}, expected {self.dtype} (convert with x.astype)")
+        if batch is not None and len(x) != batch:
+            raise ValueError(f"{self.name} holds {len(x)} streams, the other inputs {batch}")
 
 
 @dataclass(frozen=True)
@@ -52,9 +94,10 @@ class Session:
     """An ONNX artifact: `step(x, state) -> (outputs, state)` with checked inputs.
 
     meta           the artifact's JSON metadata (dict)
-    step_frames    frames per step; chunk_shape: x's shape without batch; frame_shape: one frame's
-    time_axis      axis of x that holds time (batch is axis 0)
-    dtype          numpy dtype of x
+    inputs         the model's inputs (InputInfo), in the order step() takes them
+    step_frames    frames per step (of the fastest input)
+    chunk_shape, frame_shape, time_axis, dtype: those of the first input that runs at the full
+                   frame rate (`x` for a model of one input)
     """
 
     def __init__(self, path: str, threads: int | None = None, providers=None):
@@ -64,16 +107,15 @@ class Session:
         self.path = path
         self._sess = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
         self.meta = _read_meta(self._sess, path)
-        x = self.meta["inputs"][0]
-        self.input_name, self.time_axis = x["name"], x["time_axis"]
-        self.dtype = np.dtype(x["dtype"])
+        self.inputs = [InputInfo.from_meta(d) for d in self.meta["inputs"]]
         self.step_frames = self.meta["step_frames"]
-        self.chunk_shape = tuple(x["shape"][1:])
-        self.frame_shape = tuple(s for i, s in enumerate(x["shape"]) if i not in (0, self.time_axis))
+        main = next(i for i in self.inputs if i.frames_per_step == self.step_frames)
+        self.input_name, self.time_axis, self.dtype = main.name, main.time_axis, main.dtype
+        self.chunk_shape, self.frame_shape = main.shape, main.frame_shape
         self.states = self.meta["states"]
         self.fixed_batch = self.meta.get("batch")      # None: any batch size
         self.outputs = [OutputInfo.from_meta(o) for o in self.meta["outputs"]]
-        self.input_names = [self.input_name] + [s["name"] for s in self.states]
+        self.input_names = [i.name for i in self.inputs] + [s["name"] for s in self.states]
         self.output_names = [o.name for o in self.outputs] + [s["output"] for s in self.states]
         self._check_graph()
 
@@ -84,13 +126,32 @@ class Session:
         batch = batch or self.fixed_batch or 1
         return tuple(np.zeros((batch, *s["shape"][1:]), dtype=s["dtype"]) for s in self.states)
 
-    def step(self, x: np.ndarray, state: tuple) -> tuple[tuple, tuple]:
-        """One step of `step_frames` frames for a batch: (outputs incl. warm-up, next state)."""
-        self.check_chunk(x)
-        self.check_state(state, len(x))
-        flat = self.run([x, *state])
+    def step(self, x, state: tuple) -> tuple[tuple, tuple]:
+        """One step of `step_frames` frames for a batch: (outputs incl. warm-up, next state). x is
+        the chunk, or for a model of several inputs one array per input (a list in `inputs`
+        order, or a dict by name)."""
+        xs = self.arrays(x)
+        self.check_inputs(xs)
+        self.check_state(state, len(xs[0]))
+        flat = self.run([*xs, *state])
         n = len(self.outputs)
         return tuple(flat[:n]), tuple(flat[n:])
+
+    def arrays(self, x) -> list:
+        """The step's input arrays in `inputs` order, from an array (one input), a list or a dict."""
+        if len(self.inputs) == 1 and isinstance(x, np.ndarray):
+            return [x]
+        if isinstance(x, dict):
+            missing = [i.name for i in self.inputs if i.name not in x]
+            if missing or len(x) != len(self.inputs):
+                raise ValueError(f"inputs {sorted(x)} do not match the model's "
+                                 f"{[i.name for i in self.inputs]}")
+            return [x[i.name] for i in self.inputs]
+        if not isinstance(x, (list, tuple)) or len(x) != len(self.inputs):
+            got = f"{len(x)} arrays" if isinstance(x, (list, tuple)) else type(x).__name__
+            raise ValueError(f"the model takes {len(self.inputs)} inputs "
+                             f"({', '.join(i.name for i in self.inputs)}), got {got}")
+        return list(x)
 
     def run(self, arrays: list) -> list[np.ndarray]:
         """Raw call: x and the states in, outputs and next states out (no checks)."""
@@ -99,17 +160,18 @@ class Session:
     # -- checks ---------------------------------------------------------------------------------------
     def check_chunk(self, x) -> None:
         """x must be an array of shape (batch, *chunk_shape) and dtype `dtype`."""
-        expected = f"(batch, {', '.join(map(str, self.chunk_shape))}) {self.dtype}"
-        if not isinstance(x, np.ndarray):
-            raise ValueError(f"x must be a numpy array of shape {expected}, got {type(x).__name__}")
-        if x.ndim != len(self.chunk_shape) + 1 or x.shape[1:] != self.chunk_shape or not len(x):
-            raise ValueError(f"x has shape {x.shape}, expected {expected} "
-                             f"({self.step_frames} frames on axis {self.time_axis})")
-        if x.dtype != self.dtype:
-            raise ValueError(f"x has dtype {x.dtype}, expected {self.dtype} (convert with x.astype)")
-        if self.fixed_batch and len(x) != self.fixed_batch:
+        self.check_inputs([x] if len(self.inputs) == 1 else [x, *[None] * (len(self.inputs) - 1)])
+
+    def check_inputs(self, xs: list) -> None:
+        """Each array fits its input (None: not checked), all with one batch size."""
+        batch = None
+        for info, x in zip(self.inputs, xs):
+            if x is not None:
+                info.check(x, batch)
+                batch = len(x)
+        if self.fixed_batch and batch is not None and batch != self.fixed_batch:
             raise ValueError(f"this artifact serves exactly {self.fixed_batch} streams per call "
-                             f"(the model pins its batch size), got a batch of {len(x)}")
+                             f"(the model pins its batch size), got a batch of {batch}")
 
     def check_state(self, state, batch: int) -> None:
         """state must hold one array per state tensor, each (batch, *shape) of its dtype."""

@@ -5,6 +5,12 @@ is complete run together in one call, their state rows gathered and scattered ba
 validity is read from its own frame counter (the `state.frames` state), so resetting one stream
 restarts its warm-up without touching the others.
 
+A model of several inputs is fed one entry per input (a list in `session.inputs` order, or a dict
+by name): a time input's entry is one new frame per stream, or None when that input has no frame
+now (a slower input gets a frame every few pushes); a side input's entry is its value per stream,
+kept until it is given again. Each input is buffered at its own rate; a stream steps once every
+time input holds its frames of the step.
+
 >>> streams = Session("co_model.onnx").streams(4)
 >>> for frames in camera_frames():                 # (4, *frame_shape): one new frame per stream
 ...     for i, y in enumerate(streams.push(frames)):
@@ -31,21 +37,24 @@ class Streams:
                              f"pins its batch size), asked for {n}")
         self.session, self.n = session, n
         self.state = list(session.initial_state(n))
-        c = session.step_frames
-        self._buf = np.zeros((n, c, *session.frame_shape), dtype=session.dtype)
-        self._fill = np.zeros(n, dtype=np.int64)
+        # per input: its frames of the coming step (time inputs) or its value (side inputs)
+        self._buf = [np.zeros((n, i.frames_per_step, *i.frame_shape) if i.is_time else (n, *i.shape),
+                              dtype=i.dtype) for i in session.inputs]
+        self._fill = np.zeros((len(session.inputs), n), dtype=np.int64)     # side inputs: 1 once set
+        self._need = np.array([i.frames_per_step if i.is_time else 1 for i in session.inputs])
         self._counter = [s["name"] for s in session.states].index(session.meta["frame_counter"])
 
-    def push(self, frames: np.ndarray, streams=None) -> list:
+    def push(self, frames, streams=None) -> list:
         """Append one frame to each stream (or to each of `streams`, in that order); run a step for
-        every stream whose buffer is full. Returns one entry per stream of the pool (n)."""
+        every stream whose buffers are full. Returns one entry per stream of the pool (n)."""
         ids = np.arange(self.n) if streams is None else np.asarray(streams, dtype=np.int64)
-        self._check_frames(frames, len(ids))
         if len(np.unique(ids)) != len(ids) or (len(ids) and not 0 <= ids.min() <= ids.max() < self.n):
             raise ValueError(f"streams must be distinct indices in [0, {self.n}), got {ids.tolist()}")
-        self._buf[ids, self._fill[ids]] = frames
-        self._fill[ids] += 1
-        ready = np.flatnonzero(self._fill == self.session.step_frames)
+        entries = self._entries(frames)
+        for k, (info, value) in enumerate(zip(self.session.inputs, entries)):
+            if value is not None:
+                self._take(k, info, value, ids)
+        ready = np.flatnonzero((self._fill >= self._need[:, None]).all(0))
         results = [None] * self.n
         if len(ready):
             for i, value in zip(ready, self._step(ready)):
@@ -53,12 +62,15 @@ class Streams:
         return results
 
     def reset(self, stream: int) -> None:
-        """Start stream `stream` over (zero state, empty buffer); the other streams are untouched."""
+        """Start stream `stream` over (zero state, empty buffers; side inputs are kept); the
+        other streams are untouched."""
         if not 0 <= stream < self.n:
             raise ValueError(f"stream {stream} is not in [0, {self.n})")
         for s in self.state:
             s[stream] = 0
-        self._fill[stream] = 0
+        for k, info in enumerate(self.session.inputs):
+            if info.is_time:
+                self._fill[k, stream] = 0
 
     @property
     def frames_seen(self) -> np.ndarray:
@@ -66,23 +78,62 @@ class Streams:
         return self.state[self._counter].copy()
 
     # -- internals -----------------------------------------------------------------------------------
+    def _entries(self, frames) -> list:
+        """One entry per input from what push() was given."""
+        inputs = self.session.inputs
+        if len(inputs) == 1:
+            return [frames]
+        if isinstance(frames, dict):
+            unknown = set(frames) - {i.name for i in inputs}
+            if unknown:
+                raise ValueError(f"no inputs named {sorted(unknown)}; the model's are "
+                                 f"{[i.name for i in inputs]}")
+            return [frames.get(i.name) for i in inputs]
+        if not isinstance(frames, (list, tuple)) or len(frames) != len(inputs):
+            raise ValueError(f"push one entry per input ({', '.join(i.name for i in inputs)}; None "
+                             "for an input without a frame now), as a list or a dict")
+        return list(frames)
+
+    def _take(self, k: int, info, value, ids) -> None:
+        """Buffer a time input's new frame (or set a side input) for the streams `ids`."""
+        want = (len(ids), *(info.frame_shape if info.is_time else info.shape))
+        if not isinstance(value, np.ndarray) or value.shape != want:
+            got = value.shape if isinstance(value, np.ndarray) else type(value).__name__
+            what = "one frame" if info.is_time else "its value"
+            raise ValueError(f"{info.name} is {got}, expected shape {want} ({what} per stream) dtype {info.dtype}")
+        if value.dtype != info.dtype:
+            raise ValueError(f"{info.name} has dtype {value.dtype}, expected {info.dtype} (convert with .astype)")
+        if not info.is_time:
+            self._buf[k][ids], self._fill[k, ids] = value, 1
+            return
+        full = ids[self._fill[k, ids] >= info.frames_per_step]
+        if len(full):
+            raise ValueError(f"{info.name} already holds its {info.frames_per_step} frame(s) of the "
+                             f"step for streams {full.tolist()}: push the other inputs' frames first")
+        self._buf[k][ids, self._fill[k, ids]] = value
+        self._fill[k, ids] += 1
+
     def _step(self, ready: np.ndarray) -> list:
         """One batched step for the `ready` streams; per stream, its valid outputs. A fixed-batch
         artifact steps every stream and keeps the old state of those not ready."""
         sess = self.session
         rows = np.arange(self.n) if sess.fixed_batch else ready
         whole = len(rows) == self.n
-        chunk = np.moveaxis(self._buf if whole else self._buf[rows], 1, sess.time_axis)
+        xs = [np.ascontiguousarray(np.moveaxis(b if whole else b[rows], 1, i.time_axis)) if i.is_time
+              else np.ascontiguousarray(b if whole else b[rows])
+              for i, b in zip(sess.inputs, self._buf)]
         state = self.state if whole else [s[rows] for s in self.state]
         before = state[self._counter].copy()
-        outs, nxt = sess.step(np.ascontiguousarray(chunk), tuple(state))
+        outs, nxt = sess.step(xs if len(xs) > 1 else xs[0], tuple(state))
         keep = np.isin(rows, ready)
         for s, new in zip(self.state, nxt):
             if whole and keep.all():
                 s[...] = new
             else:
                 s[rows[keep]] = new[keep]
-        self._fill[ready] = 0
+        for k, info in enumerate(sess.inputs):
+            if info.is_time:
+                self._fill[k, ready] = 0
         return [self._valid(outs, row, int(before[row])) for row in np.flatnonzero(keep)]
 
     def _valid(self, outs, row: int, frames_before: int):
@@ -96,20 +147,11 @@ class Streams:
             return None
         return parts[0] if len(parts) == 1 else tuple(parts)
 
-    def _check_frames(self, frames, k: int) -> None:
-        sess = self.session
-        want = (k, *sess.frame_shape)
-        if not isinstance(frames, np.ndarray) or frames.shape != want:
-            got = frames.shape if isinstance(frames, np.ndarray) else type(frames).__name__
-            raise ValueError(f"frames are {got}, expected shape {want} (one frame of shape "
-                             f"{tuple(sess.frame_shape)} per stream) dtype {sess.dtype}")
-        if frames.dtype != sess.dtype:
-            raise ValueError(f"frames have dtype {frames.dtype}, expected {sess.dtype} (convert with .astype)")
-
 
 class Stream:
-    """A single stream: `push(frame)` with one frame of shape `frame_shape`; returns its newly
-    valid outputs (as `Streams.push` does for one stream) or None.
+    """A single stream: `push(frame)` with one frame of shape `frame_shape` (a model of several
+    inputs: one entry per input, each one frame, None or a side input's value, without the batch
+    axis); returns its newly valid outputs (as `Streams.push` does for one stream) or None.
 
     >>> stream = Session("co_model.onnx").stream()
     >>> ys = [y for f in frames if (y := stream.push(f)) is not None]
@@ -119,12 +161,16 @@ class Stream:
         self._pool = Streams(session, 1)
         self.session = session
 
-    def push(self, frame: np.ndarray):
-        if not isinstance(frame, np.ndarray) or frame.shape != tuple(self.session.frame_shape):
-            got = frame.shape if isinstance(frame, np.ndarray) else type(frame).__name__
-            raise ValueError(f"frame is {got}, expected shape {tuple(self.session.frame_shape)} "
-                             f"dtype {self.session.dtype}")
-        return self._pool.push(frame[None])[0]
+    def push(self, frame):
+        inputs = self.session.inputs
+        if len(inputs) == 1:
+            if not isinstance(frame, np.ndarray) or frame.shape != tuple(self.session.frame_shape):
+                got = frame.shape if isinstance(frame, np.ndarray) else type(frame).__name__
+                raise ValueError(f"frame is {got}, expected shape {tuple(self.session.frame_shape)} "
+                                 f"dtype {self.session.dtype}")
+            return self._pool.push(frame[None])[0]
+        entries = self._pool._entries(frame)
+        return self._pool.push([None if e is None else np.asarray(e)[None] for e in entries])[0]
 
     def reset(self) -> None:
         self._pool.reset(0)
