@@ -166,20 +166,23 @@ def plot(rows: list[Row], path: str) -> bool:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     bars = (*RUNTIMES, "ideal")
     width = 0.8 / len(bars)
+    lowest = 1.0
     for i, form in enumerate(bars):
         values = [r.ideal if form == "ideal" else (r.speedup(form) or 0) for r in rows]
+        lowest = min([lowest] + [v for v in values if v > 0])
         ax.bar([j + i * width for j in range(len(rows))], values, width, label=form,
                color="lightgrey" if form == "ideal" else None)
+    ax.axhline(1, color="grey", linewidth=0.8)          # below it the step is slower than the clip
     centers = [j + (len(bars) - 1) / 2 * width for j in range(len(rows))]
     ax.scatter(centers, [r.flops_ratio for r in rows], marker="_", s=900, color="black", zorder=3,
                label="FLOPs clip / step")
     ax.set_xticks(centers, [r.name for r in rows])
     ax.set_yscale("log")
-    ax.set_ylim(bottom=1)
+    ax.set_ylim(bottom=lowest / 1.5)
     ax.set_ylabel("clip latency / step latency")
     ax.set_title("step vs clip in the same runtime, 1 thread, batch 1 (ideal: T / step_frames)")
-    ax.legend()
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(bars) + 1)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))          # the legend below the axes, off the bars
     fig.savefig(path, dpi=120)
     return True
 

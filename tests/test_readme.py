@@ -20,7 +20,7 @@ README = open(os.path.join(ROOT, "README.md")).read()
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", README, re.S)
 TEST_COMMAND = "python -m pytest -q"      # the README's test command is what CI runs
 INSTALL = re.compile(r"^(python -m )?pip install\b")
-NOT_WRITTEN_BY_COMMANDS = {".git", "__pycache__", ".pytest_cache", ".hypothesis"}   # pytest's own
+NOT_WRITTEN_BY_COMMANDS = {".git", "__pycache__", ".pytest_cache", ".hypothesis"}   # git, python, pytest
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
 
 
@@ -42,34 +42,50 @@ def _commands() -> list[str]:
     return [c for c in out if c]
 
 
+def named_folders(command: str) -> list[str]:
+    """The repository's top-level folders that paths in `command` lie in (`examples/tcn.py:build`
+    -> examples)."""
+    paths = [t.split(":")[0] for t in shlex.split(command)]
+    return sorted({p.split("/")[0] for p in paths if "/" in p and os.path.exists(os.path.join(ROOT, p))})
+
+
 def copy_named_folders(command: str, dest) -> None:
-    """Copy into `dest` each top-level folder of the repository that a path in `command` lies in
-    (`examples/tcn.py:build` -> examples/), so the command finds what it reads there."""
-    for token in shlex.split(command):
-        path = token.split(":")[0]
-        if "/" in path and os.path.exists(os.path.join(ROOT, path)):
-            top = path.split("/")[0]
-            if not os.path.exists(os.path.join(dest, top)):
-                shutil.copytree(os.path.join(ROOT, top), os.path.join(dest, top),
-                                ignore=shutil.ignore_patterns("__pycache__"))
+    """Copy the folders the command names into `dest`, so the command finds there what it reads."""
+    for top in named_folders(command):
+        shutil.copytree(os.path.join(ROOT, top), os.path.join(dest, top),
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def snapshot(root: str) -> dict:
-    """{relative path: (size, mtime)} of every file under `root` that a command could write
-    (outside git's and pytest's own folders)."""
-    files = {}
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in NOT_WRITTEN_BY_COMMANDS]
-        for name in names:
-            path = os.path.join(folder, name)
-            st = os.lstat(path)
-            files[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
-    return files
+def snapshot(root: str, folders=()) -> dict:
+    """{relative path: (size, mtime) of a file, None for a folder}: what a command run from `root`
+    or from a copy of `folders` would write to by mistake (the entries at the top of `root`, and
+    every file under `folders`), outside git's and pytest's own folders."""
+    entries = {n: None if os.path.isdir(os.path.join(root, n)) else _stat(os.path.join(root, n))
+               for n in os.listdir(root) if n not in NOT_WRITTEN_BY_COMMANDS}
+    for folder in folders:
+        for here, dirs, names in os.walk(os.path.join(root, folder)):
+            dirs[:] = [d for d in dirs if d not in NOT_WRITTEN_BY_COMMANDS]
+            entries.update({os.path.relpath(os.path.join(here, n), root): _stat(os.path.join(here, n))
+                            for n in names})
+    return entries
 
 
-def changed(before: dict, after: dict) -> list[str]:
-    """Files written, added or deleted between two snapshots."""
-    return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+def _stat(path: str) -> tuple:
+    st = os.lstat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def tracked(root: str) -> frozenset:
+    """Files git tracks under `root` (none outside a git checkout)."""
+    run = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    return frozenset(run.stdout.splitlines()) if run.returncode == 0 else frozenset()
+
+
+def changed(before: dict, after: dict, kept=frozenset()) -> list[str]:
+    """Entries added or deleted between two snapshots, and files rewritten other than `kept`
+    (tracked sources, which people edit while tests run; a command's outputs are untracked)."""
+    return sorted(p for p in before.keys() | after.keys() if (p in before) != (p in after)
+                  or (p not in kept and before[p] != after[p]))
 
 
 def test_readme_has_the_two_setup_commands():
@@ -82,18 +98,23 @@ def test_readme_has_the_two_setup_commands():
 
 
 def test_install_steps_are_left_out_and_writes_are_caught(tmp_path):
-    """The two helpers the README tests rely on: install steps go, the rest stays; a file written,
-    added or deleted under a folder shows in `changed`."""
+    """The helpers the README tests rely on: install steps go and the rest stays; a file added or
+    deleted at the top or under a named folder shows in `changed`, and so does a rewritten file
+    unless it is a kept (tracked) one."""
     assert _commands() and not any("pip install" in c for c in _commands())
-    (tmp_path / "kept.txt").write_text("a")
-    (tmp_path / "gone.txt").write_text("b")
-    (tmp_path / "__pycache__").mkdir()
-    before = snapshot(str(tmp_path))
-    (tmp_path / "kept.txt").write_text("a longer text")
+    assert named_folders("cocompile examples/tcn.py:build --out co.onnx") == ["examples"]
+    for name in ("README.md", "out.onnx", "gone.txt", "src/kept.py", "src/deep/old.bin"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("a")
+    before = snapshot(str(tmp_path), ["src"])
+    (tmp_path / "README.md").write_text("edited by a person meanwhile")
+    (tmp_path / "out.onnx").write_text("overwritten by a command")
     (tmp_path / "gone.txt").unlink()
-    (tmp_path / "new.onnx").write_text("c")
-    (tmp_path / "__pycache__" / "x.pyc").write_text("d")
-    assert changed(before, snapshot(str(tmp_path))) == ["gone.txt", "kept.txt", "new.onnx"]
+    (tmp_path / "new.onnx").write_text("b")
+    (tmp_path / "src" / "deep" / "new.bin").write_text("c")
+    (tmp_path / "src" / "kept.py").write_text("edited too")
+    got = changed(before, snapshot(str(tmp_path), ["src"]), kept={"README.md", "src/kept.py"})
+    assert got == ["gone.txt", "new.onnx", "out.onnx", "src/deep/new.bin"]
 
 
 @pytest.mark.parametrize("command", _commands())
@@ -101,11 +122,13 @@ def test_readme_command(command, tmp_path):
     """The command succeeds in a temporary folder, writes what it names there (`--out FILE`) and
     nothing into the repository."""
     copy_named_folders(command, tmp_path)
-    before = snapshot(ROOT)
+    folders = named_folders(command)
+    before = snapshot(ROOT, folders)
     run = subprocess.run(command, shell=True, cwd=tmp_path, env=ENV, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert changed(before, snapshot(ROOT)) == [], "a README command wrote into the repository"
+    wrote = changed(before, snapshot(ROOT, folders), tracked(ROOT))
+    assert wrote == [], f"a README command wrote into the repository: {wrote}"
     for out in re.findall(r"--out (\S+)", command):
         assert (tmp_path / out).exists(), out
 
@@ -116,4 +139,5 @@ def test_readme_python(code, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600, env=ENV)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert changed(before, snapshot(ROOT)) == [], "a README example wrote into the repository"
+    wrote = changed(before, snapshot(ROOT), tracked(ROOT))
+    assert wrote == [], f"a README example wrote into the repository: {wrote}"
