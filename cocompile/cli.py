@@ -115,7 +115,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "bench":
         p.add_argument("--steps", type=_positive, default=200,
                        help="steps to time per runtime (default 200)")
-        p.add_argument("--artifact", help="also time this ONNX artifact in onnxruntime")
+        p.add_argument("--artifact", help="time this ONNX artifact as the onnxruntime step (instead "
+                       "of a fresh export), and its latency along a stream of --steps steps")
         p.add_argument("--eager-only", action="store_true",
                        help="time the eager step and clip only (no TorchScript, no onnxruntime)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,16,112,112 (batch first)")
