@@ -3,6 +3,7 @@
 
     cocompile MODEL --out co_model.onnx [--input-shape 1,3,16,112,112] [--time-dim 2] [--step-frames C]
                                         [--approximate] [--no-verify] [--trust-pickle] [--weights FILE]
+                                        [--quantize int8 [--calibration N|CLIPS.pt]]
     cocompile inspect MODEL             per-layer table: window, lag, receptive field, state, FLOPs
     cocompile verify MODEL ARTIFACT     E1 of the model's compilation, E4 of the artifact
     cocompile bench MODEL               step vs clip latency on one thread, each step form against
@@ -112,6 +113,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--no-verify", action="store_true", help="skip the E1/E4 checks")
         p.add_argument("--triton-repo", metavar="DIR",
                        help="also write a Triton model repository for the .onnx artifact")
+        p.add_argument("--quantize", choices=("int8",),
+                       help="write a statically quantized ONNX step (approximate; needs --out *.onnx)")
+        p.add_argument("--calibration", metavar="N|CLIPS.pt", default="8",
+                       help="--quantize calibration: N random clips (default 8), or a file of clips "
+                            "(a tensor, one clip per batch entry, or a list of clips; weights-only)")
     if command == "bench":
         p.add_argument("--steps", type=_positive, default=200,
                        help="steps to time per runtime (default 200)")
@@ -217,6 +223,8 @@ def cmd_compile(args) -> int:
         raise InputError(f"--out {args.out}: unknown suffix {suffix or '(none)'!r}; use " + ", ".join(WRITERS))
     if args.triton_repo and suffix != ".onnx":
         raise InputError("--triton-repo serves the ONNX artifact: use --out NAME.onnx")
+    if args.quantize and suffix != ".onnx":
+        raise InputError(f"--quantize {args.quantize} writes an ONNX step: use --out NAME.onnx")
     loaded, clip, co = _compile(args, verify=False)
     report = None
     if not args.no_verify:
@@ -226,17 +234,39 @@ def cmd_compile(args) -> int:
             print(report)
             print(f"cocompile: verification failed; {args.out} not written", file=sys.stderr)
             return FAILED
+    calibration = _calibration(args.calibration) if args.quantize else None
     with phase(f"exporting {args.out}"), _quiet_warnings():
-        co.export(args.out)
+        co.export(args.out, quantize=args.quantize, calibration=calibration)
     e4 = None
-    if not args.no_verify:
+    if not args.no_verify and not args.quantize:       # an int8 step is approximate, not E4-exact
         with phase("checking the artifact (E4)"):
             e4 = check_artifact(co, args.out)
     print(summary(loaded, clip, co, report, e4, args.out))
+    if args.quantize:
+        q = load_artifact(args.out).meta["quantization"]
+        print(f"{args.quantize:<10}approximate: deviation from the float step {q['deviation']:.3g} "
+              f"(max over {q['deviation_steps']} steps, relative to max(1, max|output|))")
     if args.triton_repo:
         from .triton import write_repository
         print(f"triton    {write_repository(args.out, args.triton_repo)}")
     return OK if e4 is None or e4.passed else FAILED
+
+
+def _calibration(text: str):
+    """--calibration: a number of random clips, or the clips in a tensor file (weights-only)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        clips = torch.load(text, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - missing file, not a tensor file, unsafe content
+        raise InputError(f"--calibration {text}: not a number of clips nor a readable tensor file "
+                         f"({str(err).strip().splitlines()[0]})") from None
+    if isinstance(clips, torch.Tensor):
+        return list(clips.split(1))                   # one clip per batch entry
+    if isinstance(clips, (list, tuple)) and clips:
+        return list(clips)
+    raise InputError(f"--calibration {text}: holds {type(clips).__name__}, not clips; save a tensor "
+                     "(clips along the batch axis) or a list of clips")
 
 
 def cmd_verify(args) -> int:

@@ -83,8 +83,8 @@ def run(name: str, model, clip, time_dim: int = 2, approximate: bool = False) ->
     return Result(name, model, clip, co, report, flops, scale)
 
 
-def parse_size(argv=None, doc: str = "") -> str:
-    """`--size small|full` from the command line (default small)."""
+def parse_size(argv=None, doc: str = "", sizes=("small", "full")) -> str:
+    """`--size small|full` (or one of `sizes`) from the command line (default small)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
-    parser.add_argument("--size", choices=("small", "full"), default="small")
+    parser.add_argument("--size", choices=tuple(sizes), default="small")
     return parser.parse_args(argv).size

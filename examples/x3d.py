@@ -1,10 +1,11 @@
 """X3D (Feichtenhofer, "X3D: Expanding Architectures for Efficient Video Recognition", CVPR 2020),
 compiled into a continual model in the spirit of CoX3D (Hedegaard & Iosifidis 2022).
 
-    python examples/x3d.py [--size small|full]
+    python examples/x3d.py [--size small|s|full]
 
 "full" is X3D-M: 16x224x224 clips, stage widths 24-48-96-192, depths 3-5-11-7, bottleneck expansion
-2.25, SE (ratio 1/16) in every other block, head 432 -> pool -> 2048 -> 400 classes.
+2.25, SE (ratio 1/16) in every other block, head 432 -> pool -> 2048 -> 400 classes. "s" is X3D-S:
+the same network on 13x160x160 clips.
 
 Without SE the network compiles exactly. SE averages its input over the whole clip and scales every
 frame by the result, so a frame's output would depend on frames that have not arrived yet: the
@@ -25,6 +26,8 @@ VARIANTS = (("x3d", {"se": False}, False), ("x3d-se", {"se": True}, True))
 CONFIGS = {
     "full": dict(frames=16, crop=224, stem=24, widths=(24, 48, 96, 192), depths=(3, 5, 11, 7),
                  expansion=2.25, fc=2048, classes=400),
+    "s": dict(frames=13, crop=160, stem=24, widths=(24, 48, 96, 192), depths=(3, 5, 11, 7),
+              expansion=2.25, fc=2048, classes=400),
     "small": dict(frames=8, crop=32, stem=8, widths=(8, 16, 24, 32), depths=(1, 2, 1, 1),
                   expansion=2.25, fc=64, classes=10),
 }
@@ -102,7 +105,8 @@ class X3D(nn.Module):
 
 
 def build(size: str = "small", se: bool = False, seed: int = 0) -> X3D:
-    """X3D-M ("full") or a tiny X3D ("small") in eval mode, random weights and BatchNorm statistics."""
+    """X3D-M ("full"), X3D-S ("s") or a tiny X3D ("small") in eval mode, random weights and
+    BatchNorm statistics."""
     return randomize(X3D(**CONFIGS[size], se=se), seed)
 
 
@@ -116,9 +120,14 @@ def full():
     return build("full"), example_input("full")
 
 
+def x3d_s():
+    """X3D-S and a 13x160x160 clip: `cocompile examples/x3d.py:x3d_s --out x3d_s.onnx`."""
+    return build("s"), example_input("s")
+
+
 def main(argv=None) -> dict:
     """Compile and verify X3D without SE (exact), show the SE refusal, then SE with approximate=True."""
-    size = parse_size(argv, __doc__)
+    size = parse_size(argv, __doc__, CONFIGS)
     clip = example_input(size)
     out = {"exact": run(f"X3D ({size}, no SE)", build(size, se=False), clip)}
     model_se = build(size, se=True)

@@ -136,7 +136,7 @@ class _Runs:
         val = node.args[0].meta["val"]
 
         def rand(shape):
-            return torch.randn([int(s) for s in shape], generator=gen, dtype=val.dtype)
+            return torch.randn([int(s) for s in shape], generator=gen, dtype=val.dtype).to(val.device)
 
         self.x = rand(meta_shape(node.args[0], 1, g.frames, x_info))
         self.window = rand(meta_shape(node.args[0], 1, max(g.state, 0), x_info))
@@ -170,6 +170,12 @@ class _Runs:
         return lambda: rule.run(node, self.args, self.buf(self.window, self.x, d), d)
 
 
+def _finish() -> None:
+    """Wait for the kernels a step queued (a CUDA step returns before it ran)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _time(fn) -> float:
     """Best of a few runs, in ms, on one thread (the state's cat is part of every form's step)."""
     threads = torch.get_num_threads()
@@ -181,6 +187,7 @@ def _time(fn) -> float:
             for _ in range(REPEATS):
                 t0 = time.perf_counter()
                 fn()
+                _finish()
                 dt = time.perf_counter() - t0
                 best, spent = min(best, dt), spent + dt
                 if spent > BUDGET_S:
@@ -200,12 +207,15 @@ def cache_dir() -> str:
 def _key(runs: _Runs, form: str) -> dict:
     """What a step's time depends on: op, step shapes, conv arguments, dtype, torch, form."""
     a, node = runs.a, runs.site.node
-    return {"op": str(node.target), "x": list(runs.x.shape), "window": list(runs.window.shape),
-            "w": list(a["weight"].shape), "bias": a["bias"] is not None, "stride": list(a["stride"]),
-            "padding": list(a["padding"]), "dilation": list(a["dilation"]), "groups": int(a["groups"]),
-            "geometry": repr(runs.site.geometry), "dtype": str(a["weight"].dtype),
-            "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "threads": 1,
-            "form": form, "step": STEP_VERSION}
+    key = {"op": str(node.target), "x": list(runs.x.shape), "window": list(runs.window.shape),
+           "w": list(a["weight"].shape), "bias": a["bias"] is not None, "stride": list(a["stride"]),
+           "padding": list(a["padding"]), "dilation": list(a["dilation"]), "groups": int(a["groups"]),
+           "geometry": repr(runs.site.geometry), "dtype": str(a["weight"].dtype),
+           "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "threads": 1,
+           "form": form, "step": STEP_VERSION}
+    if a["weight"].device.type != "cpu":      # in the key off the CPU only (CPU entries stay valid)
+        key["device"] = a["weight"].device.type
+    return key
 
 
 def _cache_path(key: dict) -> str:

@@ -45,7 +45,8 @@ def causal_band(allowed: torch.Tensor) -> int | None:
     if allowed.dim() != 2 or allowed.shape[0] != n:
         return None
     w = int(allowed[-1].sum())
-    lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    pos = torch.arange(n, device=allowed.device)
+    lag = pos[:, None] - pos[None, :]
     return w if w > 0 and torch.equal(allowed, (lag >= 0) & (lag < w)) else None
 
 
@@ -102,7 +103,7 @@ class Attention(OpRule):
         b = bind(node.target, node.args, node.kwargs)
         n_q, n_k = node.args[0].meta["val"].shape[-2], node.args[1].meta["val"].shape[-2]
         if b.get("is_causal"):
-            return torch.ones(n_q, n_k, dtype=torch.bool).tril()
+            return torch.ones(n_q, n_k, dtype=torch.bool, device=node.args[0].meta["val"].device).tril()
         mask = b.get("attn_mask")
         if mask is None:
             return None
@@ -207,7 +208,7 @@ class Attention(OpRule):
         n_q, m = node.args[0].meta["val"].shape[-2], q.shape[-2]
         mask = None
         if b.get("is_causal"):
-            mask = torch.ones(n_q, args[1].shape[-2], dtype=torch.bool).tril()[n_q - m:]
+            mask = torch.ones(n_q, args[1].shape[-2], dtype=torch.bool, device=q.device).tril()[n_q - m:]
         elif b.get("attn_mask") is not None:
             mask = bind(node.target, args, kwargs)["attn_mask"][..., n_q - m:, :]
         return aten.scaled_dot_product_attention(q, args[1], args[2], mask, scale=b.get("scale"))
@@ -233,7 +234,8 @@ class Attention(OpRule):
         warm-up queries stay finite."""
         first = ctx.frames * info.rate.p // info.rate.q - (w - 1) - info.warmup   # of the buffer
         pos = first[:, None] + torch.arange(w - 1 + m, device=first.device)[None, :]
-        lag = (torch.arange(m)[:, None] + (w - 1)) - torch.arange(w - 1 + m)[None, :]
+        keys = torch.arange(w - 1 + m, device=first.device)
+        lag = (keys[:m, None] + (w - 1)) - keys[None, :]
         band = (lag >= 0) & (lag < w)
         mask = band[None] & ((pos >= 0)[:, None, :] | (lag == 0)[None])
         fold = rows // mask.shape[0]
