@@ -145,3 +145,15 @@ def test_one_cell_on_the_newest_frame_is_left_alone():
     clip = torch.randn(2, 6, 4)
     co = cocompile.compile(model, clip, time_dim=1)
     assert cocompile.verify(model, co, clip).passed
+
+
+def test_cell_on_a_value_that_carries_time_is_refused_by_the_analysis():
+    """Frames folded into the batch of one cell call: not a loop the pass sees; the analysis names
+    the cell and says how to write a recurrence."""
+    class Folded(GRULoop):
+        def forward(self, x):
+            return self.cell(x.flatten(0, 1), torch.zeros(x.shape[0] * x.shape[1], 6))
+    with pytest.raises(cocompile.CompileError) as err:
+        cocompile.compile(Folded().eval(), torch.randn(1, 6, 4), time_dim=1)
+    msg = str(err.value)
+    assert "aten.gru_cell.default" in msg and "carries time" in msg and "nn.GRU" in msg

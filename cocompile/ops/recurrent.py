@@ -275,5 +275,6 @@ class Cell(OpRule):
     passes/fuse_cell_loops.py did not turn into a recurrent layer."""
 
     def time(self, node, an):
-        raise Refusal(f"a recurrent cell ({node.target}) reads a value that carries time: the loop "
-                      "over frames was not recognised as a recurrence", CELL_HINT)
+        raise Refusal(f"a recurrent cell ({node.target}) reads a value that carries time (if it "
+                      "runs in a loop over frames, the loop was not recognised as a recurrence)",
+                      CELL_HINT)
