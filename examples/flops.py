@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "crnn", "kws_lstm")
+EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "crnn", "kws_lstm", "unet_audio", "video_unet")
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 Invariant left behind: every convolution that steps along time has node.meta["cocompile.conv_form"]
 = ConvForm(name, weight, how, ms), naming a form that applies to its step (window, fold or
-partial); where that form uses a reshaped weight and the weight is a constant, the reshaped copy is
-a buffer of the graph module (computed here once, not in every step). In a step of channels-last
-products only (conv_forms.rows_step), every delay of a frame tensor is marked node.meta
-["cocompile.rows"]: it keeps its frames as rows too (rows_delays). Runs after the step size is
-known and before assign_states, because the form decides the state's shape.
+partial; a transposed convolution's is always "overlap", overlap-add); where that form uses a
+reshaped weight and the weight is a constant, the reshaped copy is a buffer of the graph module
+(computed here once, not in every step). In a step of channels-last products only
+(conv_forms.rows_step), every delay of a frame tensor is marked node.meta["cocompile.rows"]: it
+keeps its frames as rows too (rows_delays). Runs after the step size is known and before
+assign_states, because the form decides the state's shape.
 
 The fastest form depends on the op's shapes and on the machine, so each applicable form is timed
 on the op's real step shapes (batch 1, one thread, a few repetitions, best of them) and the result
@@ -30,10 +31,12 @@ from cocompile.ops.conv_forms import (FORM_META, ROWS_META, ConvForm, applicable
 from cocompile.ops.delay import delay_frames
 from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
+from cocompile.ops.upsample import TransposedConv
 from cocompile.ops.window import Convolution, plan
 from cocompile.timeinfo import META, TimeInfo, reads_time
 
 REPEATS, BUDGET_S = 3, 0.03        # timed runs per form: up to 3, stopping after 30 ms
+OVERLAP = ConvForm("overlap", None, "only")   # a transposed conv's step (ops/upsample.py)
 STEP_VERSION = 2                   # of the forms' step code: cached times of older code are stale
 
 
@@ -41,6 +44,9 @@ def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
     """Record a form on every temporal convolution; returns {node name: ConvForm}."""
     force, chosen = forced_form(), {}
     for node in gm.graph.nodes:
+        if _upsamples(node):              # one form: overlap-add (a channels-first conv, not rows)
+            chosen[node.name] = node.meta[FORM_META] = OVERLAP
+            continue
         site = _site(node, step_frames)
         if site is None:
             continue
@@ -92,11 +98,20 @@ def _site(node, step_frames: int) -> _Site | None:
     """The node as a temporal convolution, or None."""
     rule = rule_for(node.target) if node.op == "call_function" else None
     if not isinstance(rule, Convolution) or not reads_time(node) or rule.transposed(node):
-        return None                              # (transposed convs step by overlap-add only)
+        return None
     x = node.args[0].meta.get(META)
     if not isinstance(x, TimeInfo) or not x.is_time or x.merged or x.dim < 2:
         return None
     return _Site(node, rule, x, step_frames)
+
+
+def _upsamples(node) -> bool:
+    """Whether the node is a transposed convolution along time (ops/upsample.py)."""
+    rule = rule_for(node.target) if node.op == "call_function" else None
+    if not (isinstance(rule, TransposedConv) or (isinstance(rule, Convolution) and rule.transposed(node))):
+        return False
+    x = node.args[0].meta.get(META)
+    return isinstance(x, TimeInfo) and x.is_time and x.dim >= 2
 
 
 def _store(gm, consts, site: _Site, form: str) -> str | None:

@@ -15,7 +15,7 @@ import cocompile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
-EXAMPLES = ["x3d", "r2plus1d", "slow_resnet", "tcn", "crnn", "kws_lstm"]
+EXAMPLES = ["x3d", "r2plus1d", "slow_resnet", "tcn", "crnn", "kws_lstm", "unet_audio", "video_unet"]
 
 
 @functools.cache

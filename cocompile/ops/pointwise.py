@@ -34,8 +34,9 @@ def join(an, node, args: list, out_dim_of, contracted=()) -> TimeInfo:
         raise Refusal("the inputs of this join carry time on different axes or with different "
                       "lengths", "make both branches produce the same frames in the same layout")
     if len({i.rate for _, i in times}) > 1:
-        rates = ", ".join(f"1/{1 / i.rate}" for _, i in times)
-        raise Refusal(f"the inputs of this join run at different frame rates ({rates} of the input)",
+        rates = ", ".join(str(i.rate) for _, i in times)          # 1/2 downsampled, 2 upsampled
+        raise Refusal(f"the inputs of this join run at different frame rates ({rates} frames per "
+                      "input frame)",
                       "give both branches the same cumulative temporal stride")
     k = dims.pop()
     positional = [a for a, i in infos if not i.is_time and a not in contracted

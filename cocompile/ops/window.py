@@ -111,9 +111,12 @@ class WindowRule(OpRule):
             return self._wrap(node, ClipWindow.time(an, node.args[0]))
         p = plan(win, x.warmup)
         x = an.aligned(node.args[0], p.warmup_in)
-        out = x.replace(length=out_shape(node)[x.dim], rate=x.rate / win.stride,
+        length = out_shape(node)[x.dim]
+        # more windows than fit the padded clip (ceil_mode): the last one ends past it, as if padded
+        past_end = length > (x.length + win.left + win.right - win.extent) // win.stride + 1
+        out = x.replace(length=length, rate=x.rate / win.stride,
                         warmup=p.warmup_out, rf=int(x.rf + (win.extent - 1) / x.rate),
-                        padded=x.padded or win.left > 0 or win.right > 0 or x.warmup < 0)
+                        padded=x.padded or win.left > 0 or win.right > 0 or x.warmup < 0 or past_end)
         if out.flush_frames(an.clip_length) < 0:
             raise Refusal("this op drops frames at the end of the clip, which needs to know where the "
                           "clip ends (non-causal)", "do not crop frames off the end along time")
