@@ -1,6 +1,7 @@
 """Capture: torch.export at the example clip length, in eval mode, with a dynamic batch axis."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -100,7 +101,7 @@ def _export(model, args: tuple):
     wide = pytree.tree_map(lambda t: t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone(), args)
     batch = Dim("batch")
     try:
-        return export(model, wide, dynamic_shapes=pytree.tree_map(lambda t: {0: batch}, args)), True
+        return export(model, wide, dynamic_shapes=_batch_dims(model, args, batch)), True
     except Exception as dyn_err:  # noqa: BLE001 - retry with a fixed batch, report the first reason
         try:
             ep = export(model, args)
@@ -109,6 +110,17 @@ def _export(model, args: tuple):
         warnings.warn("the batch size is fixed to the example's "
                       f"({_batch(args)}): {str(dyn_err).strip().splitlines()[0]}", stacklevel=3)
         return ep, False
+
+
+def _batch_dims(model, args: tuple, batch):
+    """dynamic_shapes with axis 0 of every input the batch, in the structure of forward()'s
+    parameters (a *args parameter takes one entry for all it collects)."""
+    dims = pytree.tree_map(lambda t: {0: batch}, args)
+    try:
+        bound = inspect.signature(model.forward).bind(*dims)
+    except (TypeError, ValueError, AttributeError):
+        return dims
+    return dict(bound.arguments)
 
 
 def _batch(args) -> int:

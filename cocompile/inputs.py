@@ -182,9 +182,9 @@ def _names(model, example) -> list[str]:
     params = _params(model)
     if not isinstance(example, tuple) and isinstance(example, torch.Tensor):
         return ["x"]
-    names = []
+    names, rest = [], _var_positional(model)
     for i, arg in enumerate(args):
-        base = params[i] if i < len(params) else f"x{i}"
+        base = params[i] if i < len(params) else (f"{rest}.{i - len(params)}" if rest else f"x{i}")
         for path, _ in pytree.tree_flatten_with_path(arg)[0]:
             names.append(".".join([base, *(_key(k) for k in path)]))
     return names
@@ -198,6 +198,15 @@ def _params(model) -> list[str]:
         return []
     return [p.name for p in sig.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _var_positional(model) -> str | None:
+    """The name of forward()'s *args parameter, if it has one."""
+    try:
+        sig = inspect.signature(getattr(model, "forward", None))
+    except (TypeError, ValueError):
+        return None
+    return next((p.name for p in sig.parameters.values() if p.kind == p.VAR_POSITIONAL), None)
 
 
 def _key(k) -> str:
