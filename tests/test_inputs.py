@@ -235,3 +235,15 @@ def test_steps_with_the_wrong_inputs_or_frames_are_refused_with_the_fix():
         assert "fix:" in str(err.value)
     with pytest.raises(cocompile.CompileError, match="different numbers of steps"):
         co([torch.randn(1, 2, 8), torch.randn(1, 2, 1)])                      # 2 Fast steps, 1 Slow
+
+
+def test_the_triton_repository_carries_every_input(two_rates, tmp_path):
+    from google.protobuf import text_format
+
+    from cocompile.triton import write_repository
+    from test_triton import model_config_pb2
+    model, co = two_rates
+    folder = write_repository(co.export(str(tmp_path / "two_rates.onnx")), str(tmp_path / "repo"))
+    pb = model_config_pb2()
+    cfg = text_format.Parse(open(os.path.join(folder, "config.pbtxt")).read(), pb.ModelConfig())
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("xs.0", [2, 4]), ("xs.1", [2, 1]), ("xs.2", [3])]
