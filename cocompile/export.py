@@ -132,10 +132,18 @@ def write_onnx(co, path: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:  # noqa: BLE001 - ValidationError, InferenceError
+        typed = re.search(r"op_type:(\w+).*unsupported type: tensor\((\w+)\)", str(err))
+        if typed:                      # e.g. ONNX defines no bfloat16 Conv
+            raise CompileError(f"ONNX has no {typed[2]} {typed[1]} (the op's type constraints leave "
+                               f"{typed[2]} out)", hint=DTYPE_HINT) from None
         raise CompileError(f"the exported ONNX model fails onnx.checker: {_first_line(err)}") from None
     if co.dtype != torch.float32:
         _check_loads(model, co.dtype)
     onnx.save(model, path)
+
+
+DTYPE_HINT = ("export a float32 or float16 ONNX step (compile the model and example in that dtype), "
+              "or write .pt / .pt2, which run in every dtype")
 
 
 def _check_loads(model, dtype: torch.dtype) -> None:
@@ -150,8 +158,7 @@ def _check_loads(model, dtype: torch.dtype) -> None:
         what = (f"has no {md.dtype_name(dtype)} kernel for {found[1]} (opset {found[2]})" if found
                 else f"cannot load the {md.dtype_name(dtype)} step: {_first_line(err)}")
         raise CompileError(f"onnxruntime {what}, so the ONNX artifact would not run",
-                           hint="export a float32 or float16 ONNX step (compile the model and example "
-                                "in that dtype), or write .pt / .pt2, which run in every dtype") from None
+                           hint=DTYPE_HINT) from None
 
 
 def onnx_portable(co) -> bool:

@@ -1,0 +1,213 @@
+"""Precision of every example's continual model in float64, float16 and bfloat16, judged against
+float64 ground truth (docs/precision.md).
+
+    python examples/precision.py [--size small] [--clips 3] [--only tcn stgcn] [--dtypes float16 ...]
+
+For each example variant and dtype D: the model converted to D is compiled with its example clip
+in D; on each of `--clips` clips, the truth is the model in float64 on that clip, and
+
+    continual error = max|co_D(clip) - truth|,  offline error = max|model_D(clip) - truth|
+
+(both relative to max(1, max|truth|)). The criterion is cocompile.verify's for float16/bfloat16:
+continual <= HALF_FACTOR * offline + HALF_ULPS * eps(D). In float64 the offline error is zero
+by definition: the continual model gets verify's float64 bound, rtol(float64) = 839 ulps. Approximate variants
+(X3D with SE, AGCN) take their own continual form in float64 as the truth, since the causal
+window is part of what they compute.
+
+On CPU torch has no float16/bfloat16 kernel for a few ops (avg_pool3d): `HalfFallback` runs those
+in float32 and rounds the result to D (as CUDA's half kernels accumulate in float32), for the
+offline and the continual model alike; the table marks such rows.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cocompile
+from cocompile.verify import HALF_FACTOR, HALF_ULPS, is_half, rtol
+
+EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "stgcn", "oadtr", "audio_transformer")
+DTYPES = ("float64", "float16", "bfloat16")
+
+
+def cases(names=EXAMPLES) -> list[tuple]:
+    """(label, module, build kwargs, approximate) of every variant of the named examples."""
+    out = []
+    for name in names:
+        mod = importlib.import_module(name)
+        for label, kwargs, approximate in getattr(mod, "VARIANTS", ((name, {}, False),)):
+            out.append((label, mod, kwargs, approximate))
+    return out
+
+
+class HalfFallback(TorchDispatchMode):
+    """Ops without a float16/bfloat16 kernel on this device run in float32, rounded back."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            return func(*args, **kwargs)
+        except NotImplementedError:
+            low = {t.dtype for t in pytree.tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)}
+            if len(low) != 1:
+                raise
+            dtype = low.pop()
+            up = pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == dtype else t,
+                                 (args, kwargs))
+            out = func(*up[0], **up[1])
+            return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor)
+                                   and t.dtype == torch.float32 else t, out)
+
+
+@dataclass
+class Row:
+    """One example variant in one dtype: relative errors against the truth, worst over clips."""
+
+    label: str
+    dtype: str
+    offline: float          # max|model_D - truth| / max(1, max|truth|)
+    continual: float        # max|co_D - truth| / max(1, max|truth|)
+    slack: float            # the criterion's worst margin: continual - allowed (<= 0: met)
+    fallback: bool          # some op ran in float32 (no CPU kernel in the dtype)
+    seconds: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.slack <= 0
+
+    @property
+    def ratio(self) -> float:
+        return self.continual / self.offline if self.offline else math.inf
+
+
+def _rel(got: torch.Tensor, truth: torch.Tensor) -> float:
+    """Relative error; inf where `got` is not finite (an overflow in the dtype)."""
+    err = float((got.double() - truth).abs().max()) / max(1.0, float(truth.abs().max()))
+    return err if math.isfinite(err) else math.inf
+
+
+def _allowed(offline: float, dtype: torch.dtype) -> float:
+    """The criterion's bound on the continual model's relative error. float64 is the truth's own
+    dtype (offline error 0): the continual model gets rtol(float64), the 839 ulps float32 gets."""
+    if not is_half(dtype):
+        return rtol(dtype)
+    return HALF_FACTOR * offline + HALF_ULPS * torch.finfo(dtype).eps
+
+
+def _needs_fallback(model, clip) -> bool:
+    try:
+        with torch.no_grad():
+            model(clip)
+        return False
+    except NotImplementedError:
+        return True
+
+
+def measure(label, mod, kwargs, approximate, dtype: torch.dtype, size="small", clips=3) -> Row:
+    """Compile the variant in `dtype` and judge it on `clips` clips (see the module docstring)."""
+    t0, td = time.perf_counter(), getattr(mod, "TIME_DIM", 2)
+    base = mod.build(size, **kwargs)
+    wide, model = copy.deepcopy(base).double(), copy.deepcopy(base).to(dtype)
+    fallback = _needs_fallback(model, mod.example_input(size).to(dtype))
+    mode = HalfFallback() if fallback else contextlib.nullcontext()
+    with mode:    # verify=False under the fallback: compile's own check would run without it
+        co = cocompile.compile(model, mod.example_input(size).to(dtype), time_dim=td,
+                               approximate=approximate, verify=not fallback)
+        co64 = cocompile.compile(wide, mod.example_input(size).double(), time_dim=td,
+                                 approximate=True) if approximate else None
+        eps, worst = torch.finfo(dtype).eps, (0.0, 0.0, -math.inf)
+        for seed in range(clips):
+            clip = mod.example_input(size, seed=seed)
+            with torch.no_grad():
+                truth = pytree.tree_leaves(wide(clip.double()))
+                truth_co = pytree.tree_leaves(co64.forward_steps(clip.double())) if approximate else truth
+                off = pytree.tree_leaves(model(clip.to(dtype)))
+                got = pytree.tree_leaves(co.forward_steps(clip.to(dtype)))
+            for t, tc, o, g in zip(truth, truth_co, off, got):
+                e_off, e_co = _rel(o, t), _rel(g, tc)
+                slack = e_co - _allowed(e_off, dtype) if math.isfinite(e_off) else 0.0
+                worst = (max(worst[0], e_off), max(worst[1], e_co), max(worst[2], slack))
+    note = "" if math.isfinite(worst[0]) else "the offline model overflows in this dtype"
+    return Row(label, str(dtype).removeprefix("torch."), *worst, fallback, time.perf_counter() - t0, note)
+
+
+def format_table(rows: list[Row]) -> str:
+    """Errors relative to max(1, max|truth|), and in ulps of the dtype."""
+    head = (f"{'model':<16}{'dtype':>9}{'offline':>11}{'continual':>11}{'(ulps)':>8}{'ratio':>7}"
+            f"  criterion")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ulps = r.continual / torch.finfo(getattr(torch, r.dtype)).eps
+        verdict = ("met" if r.ok else "NOT MET") + (" (fallback)" if r.fallback else "")
+        lines.append(f"{r.label:<16}{r.dtype:>9}{r.offline:>11.3g}{r.continual:>11.3g}{ulps:>8.1f}"
+                     f"{r.ratio:>7.2f}  {r.note or verdict}")
+    return "\n".join(lines)
+
+
+def artifacts(label, mod, kwargs, approximate, dtype: torch.dtype, folder: str,
+              size="small", suffixes=(".onnx", ".pt", ".pt2")) -> list[str]:
+    """Each artifact of the variant compiled in `dtype`: its E4 against the eager step in the same
+    dtype (cocompile.export.check_artifact), or why it was refused. One line per artifact."""
+    from cocompile.export import check_artifact
+
+    model = mod.build(size, **kwargs).to(dtype)
+    clip = mod.example_input(size).to(dtype)
+    fallback = _needs_fallback(model, clip)
+    lines = []
+    with HalfFallback() if fallback else contextlib.nullcontext():
+        co = cocompile.compile(model, clip, time_dim=getattr(mod, "TIME_DIM", 2),
+                               approximate=approximate, verify=not fallback)
+        for suffix in suffixes:
+            path = os.path.join(folder, f"{label}_{str(dtype)[6:]}{suffix}")
+            try:
+                co.export(path)
+                e4 = check_artifact(co, path)
+                ulps = e4.error / torch.finfo(dtype).eps
+                lines.append(f"{label:<16}{str(dtype)[6:]:>9} {suffix:<5} E4 {e4.error:.3g} "
+                             f"({ulps:.1f} ulps, bound {e4.bound:.3g}) {'ok' if e4.passed else 'FAIL'}")
+            except cocompile.CompileError as err:
+                lines.append(f"{label:<16}{str(dtype)[6:]:>9} {suffix:<5} refused: {err.reason}")
+            except Exception as err:  # noqa: BLE001 - e.g. a kernel onnxruntime lacks at run time
+                lines.append(f"{label:<16}{str(dtype)[6:]:>9} {suffix:<5} FAILED: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0][:150]}")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("small", "full"), default="small")
+    parser.add_argument("--clips", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=list(EXAMPLES), help="examples to measure")
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--artifacts", action="store_true",
+                        help="instead: export each variant in each dtype and check E4")
+    args = parser.parse_args(argv)
+    if args.artifacts:
+        with tempfile.TemporaryDirectory() as tmp:
+            return [line for case in cases(args.only) for name in args.dtypes
+                    for line in artifacts(*case, getattr(torch, name), tmp, args.size)]
+    rows = []
+    for label, mod, kwargs, approximate in cases(args.only):
+        for name in args.dtypes:
+            rows.append(measure(label, mod, kwargs, approximate, getattr(torch, name), args.size, args.clips))
+            print(format_table(rows[-1:]).splitlines()[-1], f"  ({rows[-1].seconds:.0f} s)", flush=True)
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
