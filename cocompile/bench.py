@@ -19,7 +19,7 @@ of steps in a row (as a live stream calls it; a step's time is the mean over its
 few untimed calls, and the median over rounds is kept, so that a shared machine's drift hits every
 column alike.
 
->>> lat = measure(model, clip, co, clip.split(co.step_frames, 2), rounds=5, stream=4, folder=tmp)
+>>> lat = measure(model, clip, co, chunks_of(co, clip), rounds=5, stream=4, folder=tmp)
 >>> lat["onnxruntime"].speedup, lat["onnxruntime"].share(co.clip_length / co.step_frames)
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Runtime:
     """One column of the speed tables: how to run the offline clip and the step in one runtime.
 
     suffix   the artifact the step is written to (None: the step runs in this process as is)
-    clip     (model, clip, folder, threads) -> a call running model(clip) once; raises Unavailable
+    clip     (model, clip, folder, threads, co) -> a call running model(clip) once (the clip in
+             the model's input structure); raises Unavailable
     step     (co, artifact path or None, threads) -> StepForm
     """
 
@@ -86,44 +87,50 @@ class Latency:
 
 
 # -- the runtimes ----------------------------------------------------------------------------------
-def _eager_clip(model, clip, folder, threads):
-    return lambda: model(clip)
+def _args(co, clip) -> tuple:
+    """model(*args) for a clip in the model's input structure."""
+    return tuple(co.inputs.args(clip))
+
+
+def _eager_clip(model, clip, folder, threads, co):
+    args = _args(co, clip)
+    return lambda: model(*args)
 
 
 def _eager_step(co, path, threads) -> StepForm:
     return StepForm(lambda x, s: co.step(x, s)[1], co.initial_state)
 
 
-def _torchscript_clip(model, clip, folder, threads):
-    path = os.path.join(folder, "clip.pt")
+def _torchscript_clip(model, clip, folder, threads, co):
+    path, args = os.path.join(folder, "clip.pt"), _args(co, clip)
     try:
         with _quiet():
-            torch.jit.save(torch.jit.trace(model, clip, check_trace=False, strict=False), path)
+            torch.jit.save(torch.jit.trace(model, args, check_trace=False, strict=False), path)
     except Exception as err:  # noqa: BLE001 - torch.jit fails in many ways; its first line says why
         raise Unavailable(f"torch.jit.trace fails on the offline model: {_first_line(err)}") from None
     with _quiet():
         module = torch.jit.load(path, map_location="cpu")
-    return lambda: module(clip)
+    return lambda: module(*args)
 
 
 def _torchscript_step(co, path, threads) -> StepForm:
     from .loading import load_artifact
 
     run, n = load_artifact(path).run, len(co.out_infos)
-    return StepForm(lambda x, s: run(x, *s)[n:], co.initial_state)
+    return StepForm(lambda xs, s: run(*xs, *s)[n:], co.initial_state, co.inputs.leaves)
 
 
-def _onnx_clip(model, clip, folder, threads):
+def _onnx_clip(model, clip, folder, threads, co):
     import onnxruntime as ort
 
     path = os.path.join(folder, "clip.onnx")
     try:
         with _quiet():
-            torch.onnx.export(model, (clip,), path, dynamo=True, external_data=False, verbose=False)
+            torch.onnx.export(model, _args(co, clip), path, dynamo=True, external_data=False, verbose=False)
     except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; its first line says why
         raise Unavailable(f"torch.onnx.export fails on the offline model: {_first_line(err)}") from None
     sess = ort.InferenceSession(path, onnx_options(threads), providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: clip.numpy()}
+    feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), co.inputs.leaves(clip))}
     return lambda: sess.run(None, feed)
 
 
@@ -131,7 +138,8 @@ def _onnx_step(co, path, threads) -> StepForm:
     from cocompile.runtime import Session
 
     sess = Session(path, threads=threads)
-    return StepForm(lambda x, s: sess.step(x, s)[1], sess.initial_state, lambda x: x.numpy())
+    return StepForm(lambda x, s: sess.step(x, s)[1], sess.initial_state,
+                    lambda x: [t.numpy() for t in co.inputs.leaves(x)])
 
 
 def onnx_options(threads: int | None):
@@ -187,11 +195,11 @@ def calls(model, clip, co, chunks, runtimes, stream: int, folder: str, artifacts
     for rt in runtimes:
         path = (artifacts or {}).get(rt.name) or _write(co, rt, folder, log)
         try:
-            fns[f"{rt.name} clip"] = rt.clip(model, clip, folder, threads)
+            fns[f"{rt.name} clip"] = rt.clip(model, clip, folder, threads, co)
         except Unavailable as err:
             why[rt.name] = str(err)
         form = rt.step(co, path, threads)
-        fns[f"{rt.name} step"] = Stepper(form.call, form.initial_state(clip.shape[0]),
+        fns[f"{rt.name} step"] = Stepper(form.call, form.initial_state(batch_of(clip)),
                                          [form.convert(c) for c in chunks], stream)
     return fns, why
 
@@ -207,6 +215,16 @@ def measure(model, clip, co, chunks, rounds: int, stream: int, folder: str, runt
         seconds = interleaved(fns, rounds)
     return {rt.name: Latency(rt.name, seconds.get(f"{rt.name} clip"), seconds[f"{rt.name} step"],
                              why.get(rt.name, "")) for rt in runtimes}
+
+
+def batch_of(clip) -> int:
+    """Streams in a clip (the batch of its first input)."""
+    return torch.utils._pytree.tree_leaves(clip)[0].shape[0]
+
+
+def chunks_of(co, clip) -> list:
+    """The clip cut into steps, each in the model's input structure."""
+    return [co.inputs.unflatten(c) for c in co.inputs.steps(co.inputs.leaves(clip), co.step_frames)]
 
 
 def _write(co, rt: Runtime, folder: str, log) -> str | None:

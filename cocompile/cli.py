@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import inspect
 import math
 import os
 import re
@@ -125,8 +126,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        "of a fresh export), and its latency along a stream of --steps steps")
         p.add_argument("--eager-only", action="store_true",
                        help="time the eager step and clip only (no TorchScript, no onnxruntime)")
-    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,16,112,112 (batch first)")
-    p.add_argument("--time-dim", type=int, default=None, help="axis of the frames (default 2)")
+    p.add_argument("--input-shape", action="append",
+                   help="example input shape, e.g. 1,3,16,112,112 (batch first); once per model "
+                        "input for a model of several inputs (passed as positional arguments)")
+    p.add_argument("--time-dim", type=parse_time_dim, default=None,
+                   help="axis of the frames (default 2); for several inputs one per input, "
+                        "'none' for an input without time, e.g. 2,none")
     p.add_argument("--step-frames", type=int, default=None, help="frames per step (default: smallest)")
     p.add_argument("--approximate", action="store_true", help="allow causal approximations")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs its code)")
@@ -162,16 +167,49 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _example(args, loaded, shape: tuple | None = None) -> torch.Tensor:
-    """The example clip: --input-shape, else the shape the model source (or artifact) carries."""
+def parse_time_dim(text: str):
+    """'2' -> 2; '2,none' -> (2, None): one axis for every input, or one per input.
+
+    >>> parse_time_dim("2,none")
+    (2, None)
+    """
+    parts = [p.strip().lower() for p in text.split(",")]
+    try:
+        dims = tuple(None if p in ("none", "-") else int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an axis or a list of axes like 2,none") from None
+    return dims[0] if len(dims) == 1 else dims
+
+
+def _example(args, loaded, shape: tuple | None = None):
+    """The example clip: --input-shape (a tensor, or a tuple of them given several), else random
+    inputs of the shapes the model source (or artifact) carries; side inputs that are not floating
+    point keep the source's values."""
+    g = torch.Generator().manual_seed(args.seed)
     if args.input_shape:
-        shape = parse_shape(args.input_shape)
-    elif loaded.example is not None:
-        shape = tuple(loaded.example.shape)
+        shapes = [parse_shape(text) for text in args.input_shape]
+        clips = tuple(torch.randn(s, generator=g) for s in shapes)
+        if len(clips) == 1:
+            return clips[0]
+        # a forward() of one argument takes its inputs as one list ([slow, fast])
+        return list(clips) if _positional_params(loaded.model) == 1 else clips
+    if loaded.example is not None:
+        return torch.utils._pytree.tree_map(
+            lambda t: torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else t.clone(),
+            loaded.example)
     if shape is None:
         raise InputError(f"{args.model} carries no example input; pass --input-shape N,C,T,... ")
-    dtype = loaded.example.dtype if loaded.example is not None and loaded.example.is_floating_point() else torch.float32
-    return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+    return torch.randn(shape, generator=g)
+
+
+def _positional_params(model) -> int | None:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _compile(args, time_dim: int | None = None, step_frames: int | None = None, shape=None,
@@ -182,7 +220,7 @@ def _compile(args, time_dim: int | None = None, step_frames: int | None = None, 
     with phase("loading model"):
         loaded = load_model(args.model, trust_pickle=args.trust_pickle, weights=args.weights)
     clip = _example(args, loaded, shape)
-    td = args.time_dim if args.time_dim is not None else (time_dim if time_dim is not None else 2)
+    td = next(d for d in (args.time_dim, time_dim, loaded.time_dim, 2) if d is not None)
     t0 = time.perf_counter()
     try:
         with phase("compiling"), _quiet_warnings():
@@ -200,15 +238,16 @@ def _compile(args, time_dim: int | None = None, step_frames: int | None = None, 
 def _example_mismatch(args, model, clip, shape) -> InputError | None:
     """An error naming the example's shape when the model cannot even run on it (wrong channels,
     too few frames, ...), which is why torch.export failed; None if the model runs on it."""
+    args_ = clip if isinstance(clip, tuple) else (clip,)
     try:
         with torch.no_grad(), _quiet_warnings():
-            model(clip)
+            model(*args_)
         return None
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward() on this input
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     origin = ("from --input-shape" if args.input_shape else
               "from the artifact's metadata" if shape is not None else f"that {args.model} carries")
-    return InputError(f"the model does not run on the example input of shape {tuple(clip.shape)} "
+    return InputError(f"the model does not run on the example input of shape {_shapes(clip)} "
                       f"{origin}: {reason}; --input-shape sets the example's shape (batch first, "
                       "e.g. the channels the model's first layer expects)")
 
@@ -278,7 +317,10 @@ def cmd_verify(args) -> int:
     x = meta["inputs"][0]
     shape = [1, *x["shape"][1:]]
     shape[x["time_axis"]] = meta["clip_length"]
-    loaded, clip, co = _compile(args, x["time_axis"], meta["step_frames"], tuple(shape), verify=False)
+    dims = [i["time_axis"] for i in meta["inputs"]]
+    dims = dims[0] if len(dims) == 1 else torch.utils._pytree.tree_unflatten(
+        dims, torch.utils._pytree.treespec_loads(meta["input_structure"]))
+    loaded, clip, co = _compile(args, dims, meta["step_frames"], tuple(shape), verify=False)
     names = [s["name"] for s in meta["states"]]
     if names != [s.name for s in co.specs]:
         print(f"FAILED: {args.artifact} was not compiled from this model with these options "
@@ -312,13 +354,13 @@ def cmd_bench(args) -> int:
     timings = {}
     loaded, clip, co = _compile(args, timings=timings)
     model = loaded.model.eval()
-    chunks = list(clip.split(co.step_frames, dim=co.time_dim))
+    chunks = bench.chunks_of(co, clip)
     with torch.no_grad():
         t0 = time.perf_counter()
-        co.step(chunks[0], co.initial_state(clip.shape[0]))          # traces the step graph
+        co.step(chunks[0], co.initial_state(bench.batch_of(clip)))   # traces the step graph
         t_first = time.perf_counter() - t0
     print(f"compile {timings['compile']:.2f} s   first step {t_first:.2f} s (traces the step graph "
-          f"for batch {clip.shape[0]}; later steps reuse it)", flush=True)
+          f"for batch {bench.batch_of(clip)}; later steps reuse it)", flush=True)
     runtimes = [bench.RUNTIMES["eager"]] if args.eager_only else list(bench.RUNTIMES.values())
     rounds = min(20, max(3, args.steps // 10))
     stream = -(-args.steps // rounds)                 # --steps timed steps per runtime in all
@@ -335,7 +377,7 @@ def bench_table(co, clip, latency: dict, rounds: int, stream: int) -> str:
     """The step against the clip per runtime, one line each."""
     ideal = co.clip_length / co.step_frames
     lines = [f"clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')} "
-             f"(ideal speedup {ideal:g}x); 1 thread, batch {clip.shape[0]}; each step against the "
+             f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip)}; each step against the "
              f"clip in the same runtime, medians of {plural(rounds, 'interleaved round')} (each: "
              f"the clip once, then {plural(stream, 'step')} in a row)",
              f"{'runtime':<14}{'clip ms':>12}{'step ms':>12}  clip / step (of ideal)"]
@@ -353,8 +395,8 @@ def summary(loaded, clip, co, report, e4, out) -> str:
     exact = ("approximate (causal window for a clip reduction or a norm over time)" if co.approximate else
              "exact (E1)" + ("" if co.exact_sliding else "; sliding windows deviate (temporal zero padding)"))
     lines = [f"model     {loaded.source}",
-             f"input     {tuple(clip.shape)} {str(clip.dtype).removeprefix('torch.')}, time axis "
-             f"{co.time_dim}, clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')}",
+             f"input     {_inputs(co, clip)}, clip {plural(co.clip_length, 'frame')}, "
+             f"step {plural(co.step_frames, 'frame')}",
              f"delay     {plural(co.delay, 'frame')}    receptive field {plural(co.receptive_field, 'frame')}",
              f"state     {plural(len(co.specs), 'tensor')}, {_bytes(state_bytes)} per stream",
              f"FLOPs     {_num(step_flops)} per step vs {_num(clip_flops)} per clip "
@@ -368,6 +410,21 @@ def summary(loaded, clip, co, report, e4, out) -> str:
     if out:
         lines.append(f"artifact  {out} ({_bytes(os.path.getsize(out))})" + (f"\n          {e4}" if e4 else ""))
     return "\n".join(lines)
+
+
+def _shapes(clip) -> str:
+    shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(clip)]
+    return str(shapes[0]) if len(shapes) == 1 else " ".join(map(str, shapes))
+
+
+def _inputs(co, clip) -> str:
+    """`(1, 8, 32) float32, time axis 2`; per input for several (name, shape, rate or `side`)."""
+    leaves = co.inputs.leaves(clip)
+    if co.inputs.single:
+        return f"{tuple(leaves[0].shape)} {str(leaves[0].dtype).removeprefix('torch.')}, time axis {co.time_dim}"
+    return "; ".join(f"{s.name} {tuple(t.shape)} " + (f"time axis {s.time_dim} at rate {s.rate}"
+                                                     if s.is_time else "side input")
+                     for s, t in zip(co.inputs.specs, leaves))
 
 
 def _validity(info, c: int) -> str:
@@ -385,14 +442,15 @@ def _output_names(co) -> list[str]:
 
 def flops(co, model, clip) -> tuple[int, int]:
     """FLOPs of one step (batch of the clip) and of model(clip), counted by FlopCounterMode."""
-    chunk = clip.narrow(co.time_dim, 0, co.step_frames)
+    leaves = co.inputs.leaves(clip)
+    chunk = co.inputs.window(leaves, 0, co.step_frames)
     with torch.no_grad(), FlopCounterMode(display=False) as step:
-        co.program(chunk, *co.initial_state(clip.shape[0]))
+        co.program(*chunk, *co.initial_state(leaves[0].shape[0]))
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)   # fused encoder kernels are not counted
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as whole:
-            model(clip)
+            model(*co.inputs.args(clip))
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return step.get_total_flops(), whole.get_total_flops()

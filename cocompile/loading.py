@@ -39,8 +39,9 @@ class InputError(Exception):
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    example: torch.Tensor | None     # example clip, when the source carries one
+    example: object                  # example input (a tensor or a pytree), when the source carries one
     source: str                      # what was loaded, in words
+    time_dim: object = None          # the source's time axis (a factory module's TIME_DIM), if it says
 
 
 def load_model(spec: str, trust_pickle: bool = False, weights: str | None = None) -> LoadedModel:
@@ -158,7 +159,8 @@ def _from_factory(spec: str, weights: str | None) -> LoadedModel:
     elif os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
+        module = importlib.import_module(mod_name)
+        factory = getattr(module, fn_name)
     except (ImportError, AttributeError) as err:
         raise InputError(f"cannot import {spec}: {_first_line(err)}") from None
     built = factory()
@@ -167,7 +169,8 @@ def _from_factory(spec: str, weights: str | None) -> LoadedModel:
         raise InputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
         _load_weights(model, weights)
-    return LoadedModel(model, example, f"factory {spec}" + (f" with weights {weights}" if weights else ""))
+    return LoadedModel(model, example, f"factory {spec}" + (f" with weights {weights}" if weights else ""),
+                       getattr(module, "TIME_DIM", None))
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:

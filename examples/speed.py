@@ -110,7 +110,7 @@ def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
     t0 = time.perf_counter()
     co = cocompile.compile(model, clip, time_dim=mod.TIME_DIM)
     compile_s = time.perf_counter() - t0
-    chunks = list(clip.split(co.step_frames, dim=co.time_dim))
+    chunks = bench.chunks_of(co, clip)
     with torch.no_grad():
         t0 = time.perf_counter()
         co.step(chunks[0], co.initial_state(1))               # traces the step graph

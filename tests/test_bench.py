@@ -23,11 +23,11 @@ def setup(tmp_path_factory):
 
 
 def test_each_runtime_runs_the_offline_model_as_its_clip(setup):
-    model, clip, _, _, folder = setup
+    model, clip, co, _, folder = setup
     with torch.no_grad():
         ref = model(clip)
         for rt in bench.RUNTIMES.values():
-            out = rt.clip(model, clip, str(folder), 1)()
+            out = rt.clip(model, clip, str(folder), 1, co)()
             got = torch.as_tensor(out[0] if isinstance(out, (list, tuple)) else out)
             assert got.shape == ref.shape, rt.name
             assert (got - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max())), rt.name

@@ -217,6 +217,28 @@ def gated():
 
 def stride_one():
     return nn.Conv1d(3, 4, 3)
+
+
+class TwoRates(nn.Module):             # a Fast input, a Slow one (1/2) and a side embedding
+    def __init__(self):
+        super().__init__()
+        self.down, self.side = nn.Conv1d(3, 3, 2, stride=2), nn.Linear(5, 3)
+
+    def forward(self, fast, slow, embedding):
+        return self.down(fast) + slow + self.side(embedding).unsqueeze(-1)
+
+
+def two_rates():
+    return TwoRates()
+
+
+class Pathways(nn.Module):             # both pathways in one list argument, as SlowFast takes them
+    def forward(self, x):
+        return x[0].mean(2) + x[1].mean(2)
+
+
+def pathways():
+    return Pathways()
 """
 
 
@@ -270,6 +292,24 @@ def test_bad_file_in_a_real_process(files, tmp_path):
     proc = subprocess.run(["cocompile", str(bad), "--out", str(tmp_path / "c.onnx")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and one_line_error(proc.stderr), proc.stderr
+
+
+def test_one_input_shape_per_model_input(factories, tmp_path, capsys):
+    """--input-shape once per input (positional arguments; one list argument for a forward() of
+    one parameter), --time-dim one per input with none for a side input."""
+    code, out, err = run([factories("two_rates"), "--input-shape", "1,3,8", "--input-shape", "1,3,4",
+                          "--input-shape", "1,5", "--time-dim", "2,2,none", "--out", tmp_path / "c.onnx"],
+                         capsys)
+    assert code == 0, err
+    assert "fast (1, 3, 8) time axis 2 at rate 1; slow (1, 3, 4) time axis 2 at rate 1/2; " \
+           "embedding (1, 5) side input" in out and "E4" in out and " ok" in out
+    assert [i.name for i in Session(str(tmp_path / "c.onnx")).inputs] == ["fast", "slow", "embedding"]
+    code, out, err = run(["inspect", factories("pathways"), "--input-shape", "1,2,4",
+                          "--input-shape", "1,2,16"], capsys)
+    assert code == 0 and "x.0 (1, 2, 4) time axis 2 at rate 1/4" in out, err
+    code, _, err = run([factories("two_rates"), "--input-shape", "1,3,8", "--input-shape", "1,3,4",
+                        "--input-shape", "1,5", "--time-dim", "2,2", "--out", tmp_path / "d.onnx"], capsys)
+    assert code == 2 and "does not match the structure" in err and "--time-dim" in err
 
 
 def test_parse_shape():
