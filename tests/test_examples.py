@@ -81,6 +81,15 @@ def test_flops_table_script(capsys):
         assert cell == pytest.approx(value, rel=1e-3)
 
 
+def test_compile_time_script(capsys):
+    """`python examples/compile_time.py --size small --only tcn,conditioned_tcn`: compile and its
+    own E1 check timed apart, on a model of one input and one with a side input."""
+    rows = importlib.import_module("compile_time").main(["--size", "small", "--only", "tcn,conditioned_tcn"])
+    assert [name for name, _, _ in rows] == ["tcn", "conditioned_tcn"]
+    assert all(build > 0 and check > 0 for _, build, check in rows)
+    assert "check share" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("with_continual", [True, False])
 def test_bench_conv_stack_script(with_continual, monkeypatch, capsys):
     """`python examples/bench_conv_stack.py --size small` runs, with continual-inference installed
