@@ -38,7 +38,7 @@ def main(argv=None) -> list:
     p.add_argument("--only", default=",".join(EXAMPLES))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cocompile.compile(torch.nn.Conv1d(2, 2, 3), torch.randn(1, 2, 8))      # one-time set-up
+    cocompile.compile(torch.nn.Conv1d(2, 2, 3).eval(), torch.randn(1, 2, 8))   # one-time set-up
     rows = []
     print(f"{'example':<18}{'compile s':>11}{'E1 check s':>12}{'check share':>13}")
     for name in args.only.split(","):
