@@ -101,7 +101,9 @@ def _export(model, args: tuple):
     wide = pytree.tree_map(lambda t: t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone(), args)
     batch = Dim("batch")
     try:
-        return export(model, wide, dynamic_shapes=_batch_dims(model, args, batch)), True
+        with warnings.catch_warnings():     # RNNs cache their weights as attributes during export
+            warnings.filterwarnings("ignore", message=".*were assigned during export")
+            return export(model, wide, dynamic_shapes=_batch_dims(model, args, batch)), True
     except Exception as dyn_err:  # noqa: BLE001 - retry with a fixed batch, report the first reason
         try:
             ep = export(model, args)

@@ -392,12 +392,15 @@ def summary(loaded, clip, co, report, e4, out) -> str:
     """The one-screen summary of a compiled model."""
     step_flops, clip_flops = flops(co, loaded.model, clip)
     state_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in co.specs)
+    recurrent = any(i.recurrent for i in co.out_infos)
+    why = "a recurrent layer carries the whole stream" if recurrent else "temporal zero padding"
     exact = ("approximate (causal window for a clip reduction or a norm over time)" if co.approximate else
-             "exact (E1)" + ("" if co.exact_sliding else "; sliding windows deviate (temporal zero padding)"))
+             "exact (E1)" + ("" if co.exact_sliding else f"; sliding windows deviate ({why})"))
+    rf = "unbounded" if co.receptive_field == math.inf else plural(co.receptive_field, "frame")
     lines = [f"model     {loaded.source}",
              f"input     {_inputs(co, clip)}, clip {plural(co.clip_length, 'frame')}, "
              f"step {plural(co.step_frames, 'frame')}",
-             f"delay     {plural(co.delay, 'frame')}    receptive field {plural(co.receptive_field, 'frame')}",
+             f"delay     {plural(co.delay, 'frame')}    receptive field {rf}",
              f"state     {plural(len(co.specs), 'tensor')}, {_bytes(state_bytes)} per stream",
              f"FLOPs     {_num(step_flops)} per step vs {_num(clip_flops)} per clip "
              f"({step_flops / max(clip_flops, 1) * co.clip_length / co.step_frames:.2f}x the clip's share)",
