@@ -80,11 +80,11 @@ def test_random_multi_rate_architectures_are_exact(arch):
     if as_list:                                # one argument holding a list of every input
         wrapped = ListInput(model).eval()
         example, dims = [*times, *sides], [2] * len(times) + [None] * len(sides)
-        co = cocompile.compile(wrapped, [t[:1] for t in example], time_dim=dims, trace=False)
+        co = cocompile.compile(wrapped, [t[:1] for t in example], time_dim=dims, trace=False, verify=False)
         report = cocompile.verify(wrapped, co, example)
     else:
         example, dims = (*times, *sides), (2,) * len(times) + (None,) * len(sides)
-        co = cocompile.compile(model, tuple(t[:1] for t in example), time_dim=dims, trace=False)
+        co = cocompile.compile(model, tuple(t[:1] for t in example), time_dim=dims, trace=False, verify=False)
         report = cocompile.verify(model, co, example)
     assert co.step_frames % (max(spec["rates"]) // min(spec["rates"])) == 0
     assert report.passed, f"{spec}\n{report}"
