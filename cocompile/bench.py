@@ -9,6 +9,8 @@ says what streaming saves and not what the runtime adds:
     TorchScript   torch.jit.trace(model, clip), saved and loaded    co.export("step.pt"), loaded
     onnxruntime   torch.onnx.export(model, clip, dynamo=True) in    co.export("step.onnx") in
                   onnxruntime, with the step session's options      cocompile.runtime.Session
+    compiled      torch.compile(model) with freezing, static        co.compiled(): the traced step
+                  shapes (cocompile.aoti.compiled_clip)             compiled the same way
 
 A runtime is one `Runtime` entry in RUNTIMES; the tables of `cocompile bench` and
 examples/speed.py take their columns from it. Where the offline model does not export to a
@@ -153,10 +155,27 @@ def onnx_options(threads: int | None):
     return opts
 
 
+def _compiled_clip(model, clip, folder, threads, co):
+    from .aoti import compiled_clip
+
+    fn, args = compiled_clip(model), _args(co, clip)
+    try:
+        fn(*args)                     # compiles now: a failure says why, and no round times it
+    except Exception as err:  # noqa: BLE001 - dynamo and Inductor fail in many ways
+        raise Unavailable(f"torch.compile fails on the offline model: {_first_line(err)}") from None
+    return lambda: fn(*args)
+
+
+def _compiled_step(co, path, threads) -> StepForm:
+    step = co.compiled()
+    return StepForm(lambda x, s: step.step(x, s)[1], co.initial_state)
+
+
 RUNTIMES = {r.name: r for r in (
     Runtime("eager", None, _eager_clip, _eager_step),
     Runtime("TorchScript", ".pt", _torchscript_clip, _torchscript_step),
     Runtime("onnxruntime", ".onnx", _onnx_clip, _onnx_step),
+    Runtime("compiled", None, _compiled_clip, _compiled_step),
 )}
 
 

@@ -8,6 +8,8 @@ axis dynamic on every input and output (states too), and the JSON of `cocompile.
             metadata_props["cocompile"]; passes onnx.checker full_check; runs in onnxruntime
     .pt     TorchScript (scripted from the exported ATen graph); metadata as extra file cocompile.json
     .pt2    torch.export.save of the step program; metadata as extra file cocompile.json
+    .aoti.pt2  AOTInductor package of the step (cocompile.aoti), for Python and C++; metadata in
+            the package's metadata
 
 >>> co.export("co_model.onnx")
 >>> check_artifact(co, "co_model.onnx").passed      # E4: same outputs and states as co.step
@@ -65,6 +67,8 @@ def export(co, path: str | os.PathLike, quantize: str | None = None, calibration
             return write_quantized(co, path, quantize, calibration)
     suffix = os.path.splitext(path)[1].lower()
     writer = WRITERS.get(suffix)
+    if path.lower().endswith(".aoti.pt2"):            # AOTInductor package (cocompile.aoti)
+        from .aoti import write_aoti as writer
     if writer is None:
         raise CompileError(f"cannot export to {path!r}: unknown suffix {suffix or '(none)'!r}",
                            hint="use one of " + ", ".join(WRITERS) + " (ONNX, TorchScript, torch.export)")

@@ -199,13 +199,15 @@ class Artifact:
 
 
 def load_artifact(path: str) -> Artifact:
-    """Open an artifact written by `ContinualModel.export` (.onnx, .pt or .pt2)."""
+    """Open an artifact written by `ContinualModel.export` (.onnx, .pt, .pt2 or .aoti.pt2)."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such artifact")
     suffix = os.path.splitext(path)[1].lower()
     loaders = {".onnx": _onnx_artifact, ".pt": _torchscript_artifact, ".pt2": _pt2_artifact}
     if suffix not in loaders:
         raise InputError(f"{path}: unknown artifact suffix {suffix!r}; expected one of " + ", ".join(loaders))
+    if suffix == ".pt2" and _is_aoti_package(path):     # an AOTInductor package, not an archive
+        loaders[suffix] = _aoti_artifact
     try:
         return loaders[suffix](path)
     except InputError:
@@ -239,6 +241,17 @@ def _pt2_artifact(path: str) -> Artifact:
         warnings.simplefilter("ignore")
         module = torch.export.load(path, extra_files=extra).module()
     return Artifact(path, _meta(path, extra), lambda *a: tuple(module(*a)))
+
+
+def _is_aoti_package(path: str) -> bool:
+    from .aoti import is_package
+    return is_package(path)
+
+
+def _aoti_artifact(path: str) -> Artifact:
+    from .aoti import load_package
+    meta, run = load_package(path)
+    return Artifact(path, meta, run)
 
 
 def _meta(path: str, extra: dict) -> dict:

@@ -131,7 +131,19 @@ class ContinualModel(torch.nn.Module):
         self._sides = {k: fn(t) if t.is_floating_point() else t.to(self.device) for k, t in self._sides.items()}
         getattr(self._step_fn, "graphs", {}).clear()
         self.__dict__.pop("_exported", None)          # cocompile.export's exported programs
+        self.__dict__.pop("_inductor", None)          # co.compiled()'s steps hold the old weights
         return self
+
+    def compiled(self, mode: str = "default"):
+        """The step compiled by Inductor (torch.compile with the weights frozen into the code,
+        static shapes, compiled on the first step of each batch size; `mode` one of torch.compile's
+        modes); `.step(x_chunk, state)` as `co.step`. Kept on the model per mode (cocompile.aoti).
+
+        >>> fast = co.compiled()
+        >>> y, state = fast.step(x_chunk, co.initial_state(1))
+        """
+        from .aoti import compiled_step
+        return compiled_step(self, mode)
 
     def cuda_graph(self, batch_size: int = 1):
         """The step for `batch_size` streams captured as a CUDA graph (static shapes, static input

@@ -1,0 +1,193 @@
+"""The step compiled by Inductor: just in time in this process (`co.compiled()`), or ahead of time
+into a shared library inside a .pt2 package (AOTInductor), which Python and C++ load.
+
+Both compile the step as a plain ATen graph with `freezing` on: the weights become constants of
+the generated code, folded into what they multiply and prepacked for the CPU's matrix kernels, so
+a small step pays for its arithmetic and little else. Both compute `co.step` (E4's bound).
+
+    co.compiled()                  torch.compile of the traced step, one compile per batch size
+    co.export("co.aoti.pt2")       torch._inductor.aoti_compile_and_package of the exported step
+                                   (batch dynamic); the metadata rides in the package's metadata
+
+The package's metadata holds the cocompile JSON under "cocompile" (as every artifact does) and,
+for consumers without a JSON parser (examples/aoti_runner), "cocompile.inputs" and
+"cocompile.states": one line per step argument, `name dtype d1 d2 ...`, shape per stream.
+
+>>> fast = co.compiled()
+>>> y, state = fast.step(x_chunk, co.initial_state(1))        # as co.step
+>>> co.export("co_tcn.aoti.pt2")
+>>> torch._inductor.aoti_load_package("co_tcn.aoti.pt2")(x_chunk, *co.initial_state(1))
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+import zipfile
+
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from . import metadata as md
+from .errors import CompileError
+from .step import TracedStep
+
+SUFFIX = ".aoti.pt2"
+# weights as constants of the code: folded and prepacked (Inductor applies it to inference graphs)
+OPTIONS = {"freezing": True}
+INPUTS_KEY, STATES_KEY = "cocompile.inputs", "cocompile.states"
+PACKAGE_MARK = "/data/aotinductor/"         # where a package keeps its compiled model
+
+
+class ContiguousOutputs(torch.nn.Module):
+    """`fn` with every output contiguous. Compiled code reads its inputs with the strides it was
+    compiled for (AOTInductor does not check them; torch.compile recompiles for new ones), and a
+    next state is often a view into a larger buffer (the window slid by one step): the state that
+    is fed back must come out in the layout the step reads."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return tuple(t.contiguous() for t in self.fn(*args))
+
+
+def inductor_options(mode: str = "default") -> dict:
+    """The Inductor options of `mode` (torch.compile's modes) with freezing on: what the compiled
+    step, the compiled clip it is measured against, and the package are built with."""
+    return {**torch._inductor.list_mode_options(mode), **OPTIONS}
+
+
+# -- just in time ----------------------------------------------------------------------------------
+class InductorStep:
+    """`co.step` compiled by torch.compile: per signature of (inputs, state) (in practice per batch
+    size) the step is traced to a plain ATen graph (TracedStep) and compiled with static shapes on
+    its first call. Runs without autograd (freezing needs inference).
+
+    >>> fast = InductorStep(co)
+    >>> y, state = fast.step(x_chunk, state)
+    """
+
+    def __init__(self, co, mode: str = "default"):
+        self.co, self.mode = co, mode
+        self.options = inductor_options(mode)
+        self.traced = TracedStep(co.program)
+        self.graphs: dict = {}
+
+    def step(self, x_chunk, state: tuple) -> tuple:
+        """As `co.step`: (outputs in the model's structure, next state)."""
+        args = (*self.co._leaves(x_chunk, exact=True), *state)
+        key = tuple((t.shape, t.dtype, t.device) for t in args)
+        with torch.no_grad():
+            if key not in self.graphs:
+                self.graphs[key] = self._compile(args)
+            flat = self.graphs[key](*args)
+        n = len(self.co.out_infos)
+        return pytree.tree_unflatten(list(flat[:n]), self.co.out_spec), tuple(flat[n:])
+
+    def initial_state(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
+        return self.co.initial_state(batch_size, device, dtype)
+
+    def _compile(self, args):
+        graph = self.traced._trace(args)        # checks the state, as the eager step does
+        return torch.compile(ContiguousOutputs(graph), dynamic=False, fullgraph=True,
+                             options=self.options)
+
+
+def compiled_step(co, mode: str = "default") -> InductorStep:
+    """`co.compiled(mode)`: one InductorStep per mode, kept on `co`, so that asking again reuses
+    what was compiled."""
+    cache = co.__dict__.setdefault("_inductor", {})
+    if mode not in cache:
+        cache[mode] = InductorStep(co, mode)
+    return cache[mode]
+
+
+def compiled_clip(model: torch.nn.Module, mode: str = "default"):
+    """The offline model compiled the way the step is (same options, static shapes): the clip
+    that `co.compiled(mode)` is measured against."""
+    return torch.compile(model, dynamic=False, options=inductor_options(mode))
+
+
+# -- ahead of time ---------------------------------------------------------------------------------
+def write_aoti(co, path: str) -> None:
+    """The exported step (batch dynamic, see export.export_program) compiled into a .pt2 package
+    with AOTInductor; the metadata in the package's metadata."""
+    from .export import _first_line, export_program
+
+    if not path.lower().endswith(SUFFIX):
+        raise CompileError(f"an AOTInductor package is named *{SUFFIX}, got {path!r}",
+                           hint=f"co.export('co_model{SUFFIX}')")
+    configs = {**OPTIONS, "aot_inductor.metadata": package_metadata(co)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = contiguous_program(co, export_program(co))
+            torch._inductor.aoti_compile_and_package(program, package_path=path,
+                                                     inductor_configs=configs)
+        except Exception as err:  # noqa: BLE001 - Inductor and the C++ compiler fail in many ways
+            raise CompileError(f"AOTInductor could not compile the step: {_first_line(err)}",
+                               hint="export .pt2 (torch.export) or .onnx instead") from None
+
+
+def contiguous_program(co, ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The exported step again, its outputs contiguous (see ContiguousOutputs), the batch axis
+    dynamic as in `ep` (unless the model pinned it)."""
+    args, _ = ep.example_inputs
+    batch = Dim("batch")
+    dynamic = None if md.compiled_batch(co) else (tuple({0: batch} for _ in args),)
+    return torch.export.export(ContiguousOutputs(ep.module()), args, dynamic_shapes=dynamic)
+
+
+def package_metadata(co) -> dict[str, str]:
+    """The package's metadata entries: the cocompile JSON, and the step's arguments as lines."""
+    meta = md.metadata(co)
+    return {md.KEY: json.dumps(meta, indent=1),
+            INPUTS_KEY: spec_lines(meta["inputs"]), STATES_KEY: spec_lines(meta["states"])}
+
+
+def spec_lines(entries: list[dict]) -> str:
+    """`name dtype d1 d2 ...` per entry, shapes without the batch axis.
+
+    >>> spec_lines([{"name": "x", "dtype": "float32", "shape": [None, 8, 1]}])
+    'x float32 8 1'
+    """
+    return "\n".join(" ".join([e["name"], e["dtype"], *map(str, e["shape"][1:])]) for e in entries)
+
+
+def is_package(path: str) -> bool:
+    """Whether `path` is an AOTInductor package (by content: a zip holding a compiled model)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(PACKAGE_MARK in name for name in archive.namelist())
+
+
+def package_meta(path: str) -> dict:
+    """The cocompile metadata of a package, read without loading its library."""
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if PACKAGE_MARK in name and name.endswith("wrapper_metadata.json"):
+                text = json.loads(archive.read(name)).get(md.KEY)
+                if text:
+                    return json.loads(text)
+    raise ValueError(f"{path} has no cocompile metadata: not written by cocompile")
+
+
+def load_package(path: str):
+    """(metadata, run) of a package: run(*inputs, *state) -> (*outputs, *next_state), on the CPU."""
+    model = torch._inductor.aoti_load_package(path)
+    text = model.get_metadata().get(md.KEY)
+    if not text:
+        raise ValueError(f"{path} has no cocompile metadata: not written by cocompile")
+    # the package reads every input as contiguous (see ContiguousOutputs): a chunk sliced from
+    # a clip is not, so it is copied first
+    return json.loads(text), lambda *args: tuple(model(*(t.contiguous() for t in args)))
+
+
+def step_bytes(meta: dict, batch: int) -> int:
+    """Bytes of one step's model inputs for `batch` streams, as examples/aoti_runner reads them."""
+    return sum(batch * math.prod(i["shape"][1:]) * torch.empty(0, dtype=getattr(torch, i["dtype"]))
+               .element_size() for i in meta["inputs"])
