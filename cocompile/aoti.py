@@ -21,7 +21,6 @@ for consumers without a JSON parser (examples/aoti_runner), "cocompile.inputs" a
 from __future__ import annotations
 
 import json
-import math
 import warnings
 import zipfile
 
@@ -33,7 +32,6 @@ from . import metadata as md
 from .errors import CompileError
 from .step import TracedStep
 
-SUFFIX = ".aoti.pt2"
 # weights as constants of the code: folded and prepacked (Inductor applies it to inference graphs)
 OPTIONS = {"freezing": True}
 INPUTS_KEY, STATES_KEY = "cocompile.inputs", "cocompile.states"
@@ -78,7 +76,8 @@ class InductorStep:
 
     def step(self, x_chunk, state: tuple) -> tuple:
         """As `co.step`: (outputs in the model's structure, next state)."""
-        args = (*self.co._leaves(x_chunk, exact=True), *state)
+        # contiguous: one compile per batch size, not one per layout (a chunk sliced from a clip)
+        args = tuple(t.contiguous() for t in (*self.co._leaves(x_chunk, exact=True), *state))
         key = tuple((t.shape, t.dtype, t.device) for t in args)
         with torch.no_grad():
             if key not in self.graphs:
@@ -117,9 +116,6 @@ def write_aoti(co, path: str) -> None:
     with AOTInductor; the metadata in the package's metadata."""
     from .export import _first_line, export_program
 
-    if not path.lower().endswith(SUFFIX):
-        raise CompileError(f"an AOTInductor package is named *{SUFFIX}, got {path!r}",
-                           hint=f"co.export('co_model{SUFFIX}')")
     configs = {**OPTIONS, "aot_inductor.metadata": package_metadata(co)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -186,8 +182,3 @@ def load_package(path: str):
     # a clip is not, so it is copied first
     return json.loads(text), lambda *args: tuple(model(*(t.contiguous() for t in args)))
 
-
-def step_bytes(meta: dict, batch: int) -> int:
-    """Bytes of one step's model inputs for `batch` streams, as examples/aoti_runner reads them."""
-    return sum(batch * math.prod(i["shape"][1:]) * torch.empty(0, dtype=getattr(torch, i["dtype"]))
-               .element_size() for i in meta["inputs"])
