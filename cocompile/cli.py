@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import difflib
 import inspect
 import math
@@ -126,6 +128,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        "of a fresh export), and its latency along a stream of --steps steps")
         p.add_argument("--eager-only", action="store_true",
                        help="time the eager step and clip only (no TorchScript, no onnxruntime)")
+        p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "int8"), default="float32",
+                       help="time the step and the clip in this dtype (int8: onnxruntime, quantized "
+                            "on --calibration clips), each also against the float32 step")
+        p.add_argument("--calibration", metavar="N|CLIPS.pt", default="8",
+                       help="--dtype int8: N random clips (default 8) or a file of clips")
     p.add_argument("--input-shape", action="append",
                    help="example input shape, e.g. 1,3,16,112,112 (batch first); once per model "
                         "input for a model of several inputs (passed as positional arguments)")
@@ -351,6 +358,8 @@ def cmd_bench(args) -> int:
     import tempfile
 
     torch.set_num_threads(1)
+    if args.dtype != "float32":
+        return cmd_bench_dtype(args)
     timings = {}
     loaded, clip, co = _compile(args, timings=timings)
     model = loaded.model.eval()
@@ -371,6 +380,113 @@ def cmd_bench(args) -> int:
     if args.artifact:
         print(bench.stream_drift(args.artifact, args.steps))
     return OK
+
+
+def cmd_bench_dtype(args) -> int:
+    """bench --dtype: the model and clip converted to the dtype (int8: the ONNX step quantized,
+    and the offline model quantized alike), each step form against the clip in that dtype and
+    runtime, and against the float32 step of the same runtime, all timed interleaved."""
+    import tempfile
+
+    loaded, clip, co = _compile(args)
+    rounds = min(20, max(3, args.steps // 10))
+    stream = -(-args.steps // rounds)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing clip and step"):
+        low = _in_dtype(args, loaded.model.eval(), clip, co, tmp)
+        fns, why = bench.calls(*low[:3], bench.chunks_of(low[2], low[1]), low[3], stream, tmp, low[4])
+        steps_only = [dataclasses.replace(rt, clip=_no_clip) for rt in _float32_twins(args, low[3])]
+        os.makedirs(os.path.join(tmp, "float32"))
+        ref, _ = bench.calls(loaded.model.eval(), clip, co, bench.chunks_of(co, clip), steps_only,
+                             stream, os.path.join(tmp, "float32"))
+        with torch.no_grad():
+            seconds = bench.interleaved({**fns, **{f"{k} float32": v for k, v in ref.items()}}, rounds)
+    print(bench_dtype_table(args.dtype, co, clip, low[3], seconds, why, rounds, stream), flush=True)
+    return OK
+
+
+def _in_dtype(args, model, clip, co, folder):
+    """(model, clip, continual model, runtimes, written artifacts) in args.dtype; a runtime whose
+    step cannot be written in that dtype is left out, saying why."""
+    if args.dtype == "int8":
+        clips = _calibration(args.calibration)
+        path = os.path.join(folder, "step_int8.onnx")
+        with phase("quantizing the step"):
+            co.export(path, quantize="int8", calibration=clips)
+        clips = _clip_list(co, clips)
+        runtime = bench.Runtime("onnxruntime int8", ".onnx", _int8_clip(clips),
+                                bench.RUNTIMES["onnxruntime"].step)
+        return model, clip, co, [runtime], {runtime.name: path}
+    dtype = getattr(torch, args.dtype)
+    model = copy.deepcopy(model).to(dtype)
+    clip = torch.utils._pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, clip)
+    low = cocompile.compile(model, clip, time_dim=co.time_dim if co.inputs.single else
+                            [s.time_dim for s in co.inputs.specs], approximate=args.approximate,
+                            step_frames=co.step_frames)
+    runtimes, written = [], {}
+    for rt in ([bench.RUNTIMES["eager"]] if args.eager_only else bench.RUNTIMES.values()):
+        try:
+            if rt.suffix:
+                written[rt.name] = low.export(os.path.join(folder, f"step_{args.dtype}{rt.suffix}"))
+            runtimes.append(rt)
+        except CompileError as err:
+            print(f"{rt.name}: no {args.dtype} step ({err.reason})", flush=True)
+    return model, clip, low, runtimes, written
+
+
+def _float32_twins(args, runtimes) -> list:
+    """The float32 runtimes the dtype's steps are compared with (int8: onnxruntime float32)."""
+    if args.dtype == "int8":
+        return [bench.RUNTIMES["onnxruntime"]]
+    return [bench.RUNTIMES[rt.name] for rt in runtimes]
+
+
+def _no_clip(*args):
+    raise bench.Unavailable("not timed")
+
+
+def _clip_list(co, clips) -> list:
+    """Calibration clips as a list (N random clips of the compiled length for an int N)."""
+    if not isinstance(clips, int):
+        return clips
+    from .quantize import random_clip
+    g = torch.Generator().manual_seed(0)
+    return [co.inputs.unflatten(random_clip(co, g)) for _ in range(clips)]
+
+
+def _int8_clip(clips):
+    """bench clip function: the offline model quantized on the same clips, in onnxruntime."""
+    def clip_fn(model, clip, folder, threads, co):
+        import onnxruntime as ort
+
+        from .quantize import quantize_clip
+        path = quantize_clip(model, co, clip, os.path.join(folder, "clip_int8.onnx"), clips)
+        sess = ort.InferenceSession(path, bench.onnx_options(threads), providers=["CPUExecutionProvider"])
+        feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), co.inputs.leaves(clip))}
+        return lambda: sess.run(None, feed)
+    return clip_fn
+
+
+def bench_dtype_table(dtype: str, co, clip, runtimes, seconds: dict, why: dict, rounds, stream) -> str:
+    """Per runtime: clip and step in the dtype, their ratio, and the float32 step beside."""
+    ideal = co.clip_length / co.step_frames
+    lines = [f"{dtype}: clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')} "
+             f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip)}; each {dtype} step "
+             f"against the {dtype} clip in the same runtime, and against that runtime's float32 step; "
+             f"medians of {plural(rounds, 'interleaved round')} ({plural(stream, 'step')} in a row)",
+             f"{'runtime':<18}{'clip ms':>10}{'step ms':>10}  {'clip / step (of ideal)':<24}"
+             f"{'float32 step ms':>16}{'float32 / step':>16}"]
+    for rt in runtimes:
+        lat = bench.Latency(rt.name, seconds.get(f"{rt.name} clip"), seconds[f"{rt.name} step"],
+                            why.get(rt.name, ""))
+        ref = seconds[f"{_float32_twins_name(dtype, rt.name)} step float32"]
+        lines.append(f"{rt.name:<18}{bench.ms_cell(lat.clip):>10}{bench.ms_cell(lat.step):>10}  "
+                     f"{bench.ratio_cell(lat, ideal):<24}{bench.ms_cell(ref):>16}"
+                     f"{ref / lat.step:>15.2f}x")
+    return "\n".join(lines)
+
+
+def _float32_twins_name(dtype: str, name: str) -> str:
+    return "onnxruntime" if dtype == "int8" else name
 
 
 def bench_table(co, clip, latency: dict, rounds: int, stream: int) -> str:

@@ -115,6 +115,39 @@ def random_clip(co, generator) -> list[torch.Tensor]:
             if s.is_time else co._sides[s.name].clone() for s in co.inputs.specs]
 
 
+def quantize_clip(model, co, clip, path: str, calibration: list, recipe: Recipe = Recipe()) -> str:
+    """The OFFLINE model on whole clips (`clip`'s shape), as ONNX quantized the same way (QDQ,
+    calibrated on the `calibration` clips, the recipe's float ops and float outputs): the int8
+    clip that `cocompile bench --dtype int8` times the int8 step against."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from .export import _quiet as quiet_export
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        named = os.path.join(tmp, "clip.onnx")
+        with quiet_export():
+            torch.onnx.export(model, tuple(co.inputs.args(clip)), named, dynamo=True,
+                              external_data=False, verbose=False)
+        _name_nodes(named)
+        names = [i.name for i in _input_values(named)]
+        feeds = iter([{n: t.detach().cpu().numpy() for n, t in zip(names, co.inputs.leaves(c))}
+                      for c in calibration])
+        reader = type("Clips", (), {"get_next": lambda self: next(feeds, None)})()
+        activations = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
+        quantize_static(named, path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=recipe.reduce_range, activation_type=activations,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes(named, recipe))
+    return path
+
+
+def _input_values(path: str) -> list:
+    import onnx
+
+    graph = onnx.load(path).graph
+    inits = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
 # -- calibration ------------------------------------------------------------------------------------
 class SteppingReader:
     """onnxruntime CalibrationDataReader: the feeds of every step of the float continual model

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from cocompile.passes.tidy_step import tidy_step
@@ -74,9 +75,14 @@ class StepInterpreter(fx.Interpreter):
         return rule.step(node, args, kwargs, self)
 
     def _no_frames(self, node, info):
-        """Flush output of a value with no missing frames: an empty chunk of the right shape."""
-        val = node.meta["val"]
-        return torch.zeros(meta_shape(node, self.batch, 0, info), dtype=val.dtype, device=self.frames.device)
+        """Flush output of a value with no missing frames: an empty chunk of the right shape, on
+        the step's device, floating in its inputs' dtype (the model may be converted since capture)."""
+        dtype = node.meta["val"].dtype
+        if dtype.is_floating_point:
+            given = pytree.tree_leaves(self.fetch_args_kwargs_from_env(node))
+            dtype = next((t.dtype for t in given if isinstance(t, torch.Tensor) and t.is_floating_point()),
+                         dtype)
+        return torch.zeros(meta_shape(node, self.batch, 0, info), dtype=dtype, device=self.frames.device)
 
 
 class StepProgram(torch.nn.Module):

@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cocompile
+from cocompile.quantize import Recipe, write_quantized
 from cocompile.verify import HALF_FACTOR, HALF_ULPS, is_half, rtol
 
 EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "stgcn", "oadtr", "audio_transformer")
@@ -187,6 +188,88 @@ def artifacts(label, mod, kwargs, approximate, dtype: torch.dtype, folder: str,
     return lines
 
 
+# -- int8 -------------------------------------------------------------------------------------------
+INT8 = (("x3d", {}, "s"), ("stgcn", {"variant": "stride1"}, "full"), ("tcn", {}, "full"))
+
+
+def kernels(path: str) -> dict:
+    """{op type: count} of the kernels onnxruntime ran in one step of the artifact at `path`
+    (from its profile, after its graph optimisations: fused QLinearConv etc.)."""
+    import json
+    from collections import Counter
+
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling, opts.intra_op_num_threads = True, 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape],
+                             np.int64 if "int64" in i.type else np.float32) for i in sess.get_inputs()}
+    sess.run(None, feed)
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    os.remove(f.name)
+    return dict(Counter(e["args"]["op_name"] for e in events
+                        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")))
+
+
+RECIPES = {"float boundary": Recipe(), "int8 boundary": Recipe(boundary=False),
+           "float boundary, 7-bit weights": Recipe(reduce_range=True)}
+
+
+def int8_row(name: str, kwargs: dict, size: str, folder: str, recipe: str = "float boundary",
+             calibration: int = 8, steps: int = 10_000, rounds: int = 30) -> dict:
+    """Quantize one example: its deviation from the float step, the deviation over the first 3·T
+    and the last 3·T of `steps` steps, and the step latency of the int8 and the float32 ONNX step
+    (batch 1, 1 thread, interleaved medians), with the kernels the int8 step ran."""
+    from cocompile.bench import interleaved
+    from cocompile.quantize import onnx_step, stream_deviation
+
+    mod = importlib.import_module(name)
+    co = cocompile.compile(mod.build(size, **kwargs), mod.example_input(size),
+                           time_dim=getattr(mod, "TIME_DIM", 2), verify=False)
+    f32, q8 = os.path.join(folder, f"{name}_f32.onnx"), os.path.join(folder, f"{name}_int8.onnx")
+    co.export(f32)
+    t0 = time.perf_counter()
+    clips = [mod.example_input(size, seed=s) for s in range(calibration)]
+    write_quantized(co, q8, "int8", clips, RECIPES[recipe])
+    seconds = time.perf_counter() - t0
+    dev = stream_deviation(co, q8, steps, reference=f32)
+    w = 3 * co.clip_length
+    x = [t.numpy() for t in co.example_inputs(1, torch.Generator().manual_seed(0))]
+    calls = {}
+    for label, path in (("float32", f32), ("int8", q8)):
+        step, box = onnx_step(co, path), [[t.numpy() for t in co.initial_state(1)]]
+        calls[label] = (lambda s=step, b=box: b.__setitem__(0, s(x, b[0])[1]))
+    ms = {k: v * 1e3 for k, v in interleaved(calls, rounds).items()}
+    return dict(model=f"{name} ({size})", recipe=recipe, T=co.clip_length, quantize_s=seconds,
+                deviation=json_meta(q8)["quantization"]["deviation"],
+                first=max(dev[:w]), last=max(dev[-w:]), steps=steps, float32_ms=ms["float32"],
+                int8_ms=ms["int8"], kernels=kernels(q8))
+
+
+def json_meta(path: str) -> dict:
+    import json
+
+    import onnx
+    return json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["cocompile"])
+
+
+def format_int8(rows: list[dict]) -> str:
+    head = (f"{'model':<20}{'recipe':<31}{'T':>5}{'deviation':>11}{'first 3T':>10}{'last 3T':>10}{'growth':>8}"
+            f"{'float32 ms':>12}{'int8 ms':>9}{'speedup':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<20}{r['recipe']:<31}{r['T']:>5}{r['deviation']:>11.3g}{r['first']:>10.3g}"
+                     f"{r['last']:>10.3g}{r['last'] / r['first']:>7.2f}x{r['float32_ms']:>12.3f}"
+                     f"{r['int8_ms']:>9.3f}{r['float32_ms'] / r['int8_ms']:>8.2f}x")
+    for r in rows:
+        lines.append(f"{r['model']}, {r['recipe']}: quantized in {r['quantize_s']:.0f} s; kernels "
+                     f"{r['kernels']}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("small", "full"), default="small")
@@ -195,7 +278,22 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--artifacts", action="store_true",
                         help="instead: export each variant in each dtype and check E4")
+    parser.add_argument("--int8", action="store_true",
+                        help="instead: quantize X3D-S, the stride-1 ST-GCN and the TCN (see INT8)")
+    parser.add_argument("--steps", type=int, default=10_000, help="--int8: stream length")
+    parser.add_argument("--recipes", nargs="*", default=["float boundary"], choices=list(RECIPES),
+                        help="--int8: what stays float (cocompile.quantize.Recipe)")
     args = parser.parse_args(argv)
+    if args.int8:
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = []
+            for name, kwargs, size in INT8:
+                for recipe in args.recipes if name in args.only else ():
+                    rows.append(int8_row(name, kwargs, size, tmp, recipe, steps=args.steps))
+                    print(format_int8(rows[-1:]), flush=True)
+            print(format_int8(rows))
+            return rows
     if args.artifacts:
         with tempfile.TemporaryDirectory() as tmp:
             return [line for case in cases(args.only) for name in args.dtypes

@@ -189,3 +189,22 @@ def test_onnx_that_onnxruntime_cannot_load_is_refused(dtype, op):
     torch_dtype = torch.float64 if dtype == TensorProto.DOUBLE else torch.bfloat16
     with pytest.raises(cocompile.CompileError, match=f"no {str(torch_dtype)[6:]} kernel for {op}"):
         _check_loads(model, torch_dtype)
+
+
+def test_to_converts_a_compiled_model_and_its_states():
+    """co.half() converts the program's constants (folded in float32, then rounded once); states,
+    inputs and the traced step follow, and the criterion holds as for a model compiled in float16."""
+    model = net()
+    co = cocompile.compile(model, clip(0))
+    co.forward_steps(clip(1))                        # a step graph traced in float32
+    co.half()
+    assert co.dtype == torch.float16 and co.initial_state(1)[1].dtype == torch.float16
+    assert co.initial_state(1)[0].dtype == torch.int64
+    with torch.no_grad():
+        truth = pytree.tree_leaves(copy.deepcopy(model).double()(clip(1).double()))
+        off = pytree.tree_leaves(model.half()(clip(1).half()))
+        got = pytree.tree_leaves(co.forward_steps(clip(1).half()))
+    eps = torch.finfo(torch.float16).eps
+    for g, o, t in zip(got, off, truth):
+        assert g.dtype == torch.float16
+        assert rel(g, t) <= HALF_FACTOR * rel(o, t) + HALF_ULPS * eps

@@ -148,7 +148,7 @@ class TransposedConv(WindowRule):
         if x.shape[d]:
             acc = _add_at(acc, self.run(node, args, x, d), up.hold, d)
         if acc is None:                              # flush with nothing pending: bias only
-            acc = torch.zeros(meta_shape(node, ctx.batch, 0, ctx.info(node)), dtype=node.meta["val"].dtype)
+            acc = x.new_zeros(meta_shape(node, ctx.batch, 0, ctx.info(node)))   # x's dtype and device
         acc = _pad_to(acc, emit + (up.tail if ctx.mode == "step" else 0), d)
         if ctx.mode == "step" and up.tail:
             ctx.set_state(node, "window", acc.narrow(d, emit, up.tail))
