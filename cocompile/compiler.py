@@ -5,6 +5,7 @@ import torch
 
 from cocompile.passes.assign_states import assign_states
 from cocompile.passes.choose_forms import choose_forms, rows_delays
+from cocompile.passes.commute_graph_products import commute_graph_products
 from cocompile.passes.demand import analyse_demand
 from cocompile.passes.fold_batchnorm import fold_batchnorm
 from cocompile.passes.fold_constants import fold_constants
@@ -16,6 +17,7 @@ from cocompile.passes.insert_delays import insert_delays
 from cocompile.passes.insert_windows import insert_windows
 from cocompile.passes.shape_probe import ShapeProbe
 from cocompile.passes.split_projections import split_projections
+from cocompile.passes.sum_parallel_products import sum_parallel_products
 from cocompile.passes.time_axis import TimeAnalysis, default_step_frames
 
 from . import ops  # noqa: F401  (registers the op rules)
@@ -68,8 +70,6 @@ def _prepare(model, example_input, inputs: Inputs, decompose: bool):
     """The captured graph with the rewrites that do not need the time analysis."""
     # capture: torch.export at the example clip length, eval mode, batch kept dynamic
     cap = capture(model, example_input, inputs, decompose)
-    # rewrite: eval BatchNorm folded into the convolution before it (one op less per step)
-    fold_batchnorm(cap.gm, cap.consts)
     # rewrite: attention written as matmul-softmax-matmul becomes one attention op
     fuse_attention(cap.gm)
     # rewrite: packed q/k/v projections split, so a query can be projected alone
@@ -78,6 +78,12 @@ def _prepare(model, example_input, inputs: Inputs, decompose: bool):
     fold_positions(cap.gm, cap.input_names)
     # rewrite: values computed from constants only (weight slices, projected tables) computed once
     fold_constants(cap.gm, cap.consts, cap.input_names)
+    # rewrite: summed parallel products (2s-AGCN's per-subset graph convs) become one product
+    sum_parallel_products(cap.gm, cap.consts)
+    # rewrite: a 1x1 conv and a product over joints in the order with fewer multiply-adds
+    commute_graph_products(cap.gm, cap.consts)
+    # rewrite: eval BatchNorm folded into the conv or graph product before it (one op less per step)
+    fold_batchnorm(cap.gm, cap.consts)
     # rewrite: GRUCell/LSTMCell/RNNCell loops unrolled by export become one recurrent layer op
     fuse_cell_loops(cap.gm, cap.input_names)
     return cap

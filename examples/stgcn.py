@@ -3,7 +3,7 @@ Recognition", AAAI 2018) on NTU RGB+D, compiled into a continual model in the sp
 (Hedegaard, Heidari & Iosifidis 2022).
 
     python examples/stgcn.py [--size small|full]
-    cd examples && cocompile bench stgcn:full_strided      # also stgcn:full_stride1, small_*
+    cd examples && cocompile bench stgcn:full_strided      # also full_stride1, full_subsets, small_*
 
 "full" is the paper's network on NTU-60 clips (N, C=3, T=300, V=25 joints, M=2 persons): data
 BatchNorm over M*V*C, ten blocks 64-64-64-64-128-128-128-256-256-256, each a spatial graph conv with
@@ -12,8 +12,11 @@ the 3-subset spatial partitioning and learnable edge importance followed by a (9
 a 1x1 conv classifier. "small" keeps depth, strides and skeleton with narrow blocks and T=32.
 
 Variants: "strided" (the paper's), "stride1" (every temporal stride 1, as CoST-GCN streams it),
-"matmul" (graph conv as `matmul` after `view(N, C*T, V)`, the 2s-AGCN way of writing it) and "agcn"
-(2s-AGCN style: an adaptive adjacency from embeddings averaged over the clip). The adaptive adjacency
+"matmul" (graph conv as `matmul` after `view(N, C*T, V)`, the 2s-AGCN way of writing it),
+"subsets" (stride-1 ST-GCN with that graph conv: per partition subset a matmul with A_k and a 1x1
+conv of its own, the three summed, then BatchNorm; the compiler merges the subsets into one
+product, passes/sum_parallel_products.py) and "agcn" (2s-AGCN style: an adaptive adjacency from
+embeddings averaged over the clip). The adaptive adjacency
 of a frame depends on frames that have not arrived yet, so "agcn" is refused unless approximate=True,
 where the average runs over the last T frames and verify measures the deviation.
 """
@@ -32,7 +35,9 @@ COST_GCN_FLOPS_REDUCTION = 107.7   # CoST-GCN vs ST-GCN FLOPs per prediction, NT
 COST_GCN_CPU_SPEEDUP = 20          # CoST-GCN vs ST-GCN predictions per second on CPU
 # (label, build kwargs, approximate) for the FLOPs table
 VARIANTS = (("st-gcn", {"variant": "strided"}, False), ("st-gcn-s1", {"variant": "stride1"}, False),
-            ("st-gcn-matmul", {"variant": "matmul"}, False), ("agcn", {"variant": "agcn"}, True))
+            ("st-gcn-matmul", {"variant": "matmul"}, False), ("st-gcn-subsets", {"variant": "subsets"}, False),
+            ("agcn", {"variant": "agcn"}, True))
+STRIDE1 = ("stride1", "subsets")   # variants with every temporal stride 1
 
 CONFIGS = {
     "full": dict(frames=300, widths=(64, 64, 64, 64, 128, 128, 128, 256, 256, 256), classes=60),
@@ -155,7 +160,7 @@ class AdaptiveGraphConv(nn.Module):
 
 
 GRAPH_CONVS = {"strided": GraphConv, "stride1": GraphConv, "matmul": MatmulGraphConv,
-               "agcn": AdaptiveGraphConv}
+               "subsets": MatmulGraphConv, "agcn": AdaptiveGraphConv}
 
 
 class STGCNBlock(nn.Module):
@@ -213,7 +218,7 @@ def build(size: str = "small", variant: str = "strided", seed: int = 0) -> STGCN
     torch.Size([1, 10])
     """
     cfg = CONFIGS[size]
-    strides = (1,) * len(STRIDES) if variant == "stride1" else STRIDES
+    strides = (1,) * len(STRIDES) if variant in STRIDE1 else STRIDES
     model = randomize(STGCN(**cfg, strides=strides, graph_conv=GRAPH_CONVS[variant]), seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -240,12 +245,20 @@ def full_stride1():
     return build("full", "stride1"), example_input("full")
 
 
+def full_subsets():
+    return build("full", "subsets"), example_input("full")
+
+
 def small_strided():
     return build("small", "strided"), example_input("small")
 
 
 def small_stride1():
     return build("small", "stride1"), example_input("small")
+
+
+def small_subsets():
+    return build("small", "subsets"), example_input("small")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -268,10 +281,11 @@ def run(name: str, model, clip, approximate: bool = False) -> Result:
 
 
 def stgcn_variants(size: str) -> dict:
-    """Strided, stride-1 and matmul ST-GCN compiled and verified, and the FLOPs per prediction of
-    the stride-1 continual model against the clip of the original strided ST-GCN."""
+    """Strided, stride-1, matmul and per-subset ST-GCN compiled and verified, and the FLOPs per
+    prediction of the stride-1 continual model against the clip of the original strided ST-GCN."""
     clip = example_input(size)
-    out = {v: run(f"ST-GCN ({size}, {v})", build(size, v), clip) for v in ("strided", "stride1", "matmul")}
+    out = {v: run(f"ST-GCN ({size}, {v})", build(size, v), clip)
+           for v in ("strided", "stride1", "matmul", "subsets")}
     out["reduction"] = out["strided"].flops.clip / out["stride1"].flops.step
     print(f"\nFLOPs per prediction: strided ST-GCN clip {out['strided'].flops.clip / 1e9:.3f} G / "
           f"stride-1 continual step {out['stride1'].flops.step / 1e6:.2f} M = {out['reduction']:.1f}x "
@@ -294,7 +308,7 @@ def agcn(size: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    """All four variants at `--size` (see the module docstring)."""
+    """All five variants at `--size` (see the module docstring)."""
     size = parse_size(argv, __doc__)
     return {**stgcn_variants(size), **agcn(size)}
 

@@ -4,7 +4,10 @@ affine map.
 Invariant left behind: no `batch_norm` reads a convolution that has no other user and constant
 weights; that convolution carries the folded weight W·γ/√(σ²+ε) and bias (b−μ)·γ/√(σ²+ε)+β as new
 constants (a transposed convolution too: its weight is scaled per output channel, which is its
-axis 1 within each group). Every other eval BatchNorm with constant statistics is `x * scale + shift`, two
+axis 1 within each group). Likewise no `batch_norm` reads a graph product (a 1x1 conv and
+products over joints, passes/graph_products.py: ST-GCN's graph conv, 2s-AGCN's summed subsets):
+the scale goes into the product's weight per output channel, the shift into the bias it adds
+after (one add instead of BatchNorm's multiply and add). Every other eval BatchNorm with constant statistics is `x * scale + shift`, two
 pointwise ops with per-channel constants computed here once: they keep the layout of whatever
 feeds them (a channels-last step stays channels-last, and exporters' layout optimisers move
 transposes through them), where batch_norm wants its channels on axis 1. The graph computes the
@@ -12,10 +15,13 @@ same function up to float rounding.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import fx
 
 from cocompile.ops.schema import bind
+from cocompile.passes.graph_products import drop_unused_consts, match, write
 
 aten = torch.ops.aten
 TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
@@ -95,6 +101,9 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
         if bn.target is not aten.batch_norm.default:
             continue
         conv = bn.args[0]
+        if _into_product(gm, consts, bn):
+            folded += 1
+            continue
         if not isinstance(conv, fx.Node) or conv.target not in CONVS or len(conv.users) != 1:
             folded += _as_affine(gm, consts, bn)
             continue
@@ -123,6 +132,22 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
         gm.graph.erase_node(bn)
         folded += 1
     gm.graph.eliminate_dead_code()
+    drop_unused_consts(gm, consts)
     gm.graph.lint()
     gm.recompile()
     return folded
+
+
+def _into_product(gm: fx.GraphModule, consts: dict, bn: fx.Node) -> bool:
+    """Fold an eval batch_norm into the graph product it alone reads, written back in the
+    product's order: bn(W x A + b) = (W·scale) x A + (b·scale + shift), per output channel."""
+    src = bn.args[0]
+    gp = match(src, consts) if isinstance(src, fx.Node) and len(src.users) == 1 else None
+    affine = _scale_shift(bind(bn.target, bn.args, bn.kwargs), consts) if gp is not None else None
+    if affine is None:
+        return False
+    scale, shift = affine
+    bias = (gp.bias if gp.bias is not None else 0) * scale[:, None] + shift[:, None]
+    write(gm, consts, replace(gp, weight=gp.weight * scale[:, None], bias=bias, root=bn), gp.order)
+    gm.graph.erase_node(bn)
+    return True

@@ -104,3 +104,51 @@ def test_folds_batchnorm_into_grouped_transposed_convs():
         torch.testing.assert_close(run(cap, x)[0], model(x), rtol=1e-5, atol=1e-5)
     co = cocompile.compile(model, x[:1], trace=False)
     assert cocompile.verify(model, co, x).passed
+
+
+class GraphConvBN(nn.Module):
+    """ST-GCN's graph conv (a 1x1 conv with bias, then einsum over subsets and joints) and
+    2s-AGCN's summed subsets, each followed by BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("A", torch.rand(3, 5, 5))
+        self.gcn = nn.Conv2d(4, 3 * 6, 1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.subsets = nn.ModuleList(nn.Conv2d(6, 6, 1) for _ in range(3))
+        self.bn_b = nn.BatchNorm2d(6)
+        for m in (self.bn_a, self.bn_b):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        n, _, t, v = x.shape
+        y = torch.relu(self.bn_a(torch.einsum("nkctv,kvw->nctw", self.gcn(x).view(n, 3, 6, t, v), self.A)))
+        z = 0
+        for k, conv in enumerate(self.subsets):
+            z = z + conv(torch.matmul(y.view(n, 6 * t, v), self.A[k]).view(n, 6, t, v))
+        return self.bn_b(z)
+
+
+def test_folds_batchnorm_into_graph_products():
+    """BatchNorm after a graph product (passes/graph_products.py) goes into its weight and the
+    bias it adds after: no batch_norm and no multiply left, in the pipeline's pass order."""
+    from cocompile.passes.commute_graph_products import commute_graph_products
+    from cocompile.passes.sum_parallel_products import sum_parallel_products
+    from test_sum_parallel_products import captured
+
+    torch.manual_seed(3)
+    model = GraphConvBN().eval()
+    x = torch.randn(2, 4, 3, 5)
+    cap = captured(model, x[:1], 2)
+    sum_parallel_products(cap.gm, cap.consts)
+    commute_graph_products(cap.gm, cap.consts)
+    before = run(cap, x)[0]
+    assert fold_batchnorm(cap.gm, cap.consts) == 2
+    assert not [n for n in cap.gm.graph.nodes if n.target in (torch.ops.aten.batch_norm.default,
+                                                              torch.ops.aten.mul.Tensor)]
+    torch.testing.assert_close(run(cap, x)[0], before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(cap, x)[0], model(x), rtol=1e-5, atol=1e-5)
+    assert fold_batchnorm(cap.gm, cap.consts) == 0

@@ -1,6 +1,6 @@
 """ST-GCN (examples/stgcn.py) at the paper's size: full widths, NTU-60 clips of T=300 frames, random
 weights, edge importance and BatchNorm statistics. Stepping reproduces the offline model (E1) for the
-strided, stride-1 and matmul-after-view variants; the default step is the lcm of the temporal strides;
+strided, stride-1, matmul-after-view and per-subset variants; the default step is the lcm of the temporal strides;
 a step costs the frames it brings in; the adaptive-graph (AGCN) variant is refused unless approximate,
 and then its deviation is measured. Oracle: the untouched offline model.
 
@@ -20,7 +20,7 @@ import cocompile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import stgcn  # noqa: E402
 
-EXACT = ("strided", "stride1", "matmul")
+EXACT = ("strided", "stride1", "matmul", "subsets")
 
 
 @functools.cache
@@ -77,7 +77,21 @@ def test_streams_are_independent_in_a_batch(variant):
 
 def test_default_step_is_the_product_of_the_temporal_strides():
     got = {v: variants()[v].co.step_frames for v in EXACT}
-    assert got == {"strided": 4, "stride1": 1, "matmul": 4}
+    assert got == {"strided": 4, "stride1": 1, "matmul": 4, "subsets": 1}
+
+
+def test_per_subset_graph_convs_compile_to_the_stride1_products():
+    """2s-AGCN's per-subset form (a matmul with A_k and a conv per subset, summed) becomes one
+    product over the stacked subsets, with BatchNorm folded in: the same convs and einsums as
+    ST-GCN's own graph conv, no matmul, no multiply left per block."""
+    def ops(variant):
+        gm = variants()[variant].co.program.gm
+        return {op: sum(n.target is op for n in gm.graph.nodes) for op in (
+            torch.ops.aten.conv2d.default, torch.ops.aten.einsum.default, torch.ops.aten.matmul.default,
+            torch.ops.aten.mul.Tensor, torch.ops.aten.batch_norm.default)}
+    assert ops("subsets") == ops("stride1")
+    assert ops("subsets")[torch.ops.aten.matmul.default] == 0
+    assert ops("subsets")[torch.ops.aten.einsum.default] == 10
 
 
 @pytest.mark.parametrize("variant", EXACT)
