@@ -297,6 +297,217 @@ def stream_drift(path: str, steps: int) -> str:
             f"{lt * 1e3:.3f} ms ({(lt / e - 1) * 100:+.1f}%)")
 
 
+# -- the physical limit ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Machine:
+    """What `threads` threads of this machine sustain, measured: float32 FLOP/s of a large
+    matrix product, and bytes per second of a large copy (bytes read plus bytes written)."""
+
+    flops: float
+    bandwidth: float
+    threads: int = 1
+
+    def __str__(self) -> str:
+        return (f"{self.flops / 1e9:.1f} GFLOP/s (float32 matmul), {self.bandwidth / 1e9:.1f} GB/s "
+                f"(copy), {self.threads} thread{'s' * (self.threads != 1)}")
+
+
+def measure_machine(threads: int = 1, size: int = 1024, megabytes: int = 64, repeats: int = 3) -> Machine:
+    """Peak FLOP/s (`size`^3 float32 matmul) and memory bandwidth (a copy of `megabytes` MB,
+    far beyond the caches), best of `repeats` after one untimed call, on `threads` threads.
+
+    >>> measure_machine(size=256, megabytes=4)           # small: a test's size, not a peak
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        src = torch.empty(megabytes * 2**20 // 4)
+        dst = torch.empty_like(src)
+        mm = _best(lambda: torch.mm(a, b), repeats)
+        copy = _best(lambda: dst.copy_(src), repeats)
+    finally:
+        torch.set_num_threads(before)
+    return Machine(2 * size ** 3 / mm, 2 * src.nbytes / copy, threads)
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The least time one step can take on `machine`: max(FLOPs / peak FLOP/s, bytes /
+    bandwidth), with bytes = the constants the step reads (weights) + its state read and
+    written (2 x state bytes). Activations are not counted: a step that keeps them in cache
+    pays nothing more; a step slower than its bound by much pays for dispatch, copies, or
+    products too thin to run at peak."""
+
+    flops: int
+    weight_bytes: int
+    state_bytes: int
+    machine: Machine
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + 2 * self.state_bytes
+
+    @property
+    def bound(self) -> float:
+        """Seconds: the larger of the compute time and the memory time."""
+        return max(self.flops / self.machine.flops, self.bytes / self.machine.bandwidth)
+
+    @property
+    def limit(self) -> str:
+        return "compute" if self.flops / self.machine.flops >= self.bytes / self.machine.bandwidth else "memory"
+
+    def share(self, seconds: float | None) -> float | None:
+        """A step's time over the bound (1.0: at the physical limit)."""
+        return None if seconds is None else seconds / self.bound
+
+    def __str__(self) -> str:
+        m = self.machine
+        return (f"roofline {ms_cell(self.bound)} ms per step ({self.limit} bound): "
+                f"{self.flops / 1e6:.2f} MFLOPs / {m.flops / 1e9:.1f} GFLOP/s = "
+                f"{ms_cell(self.flops / m.flops)} ms; {self.weight_bytes / 1e6:.2f} MB weights + 2 x "
+                f"{self.state_bytes / 1e6:.2f} MB state / {m.bandwidth / 1e9:.1f} GB/s = "
+                f"{ms_cell(self.bytes / m.bandwidth)} ms")
+
+
+def roofline(co, machine: Machine, batch: int = 1) -> Roofline:
+    """The roofline of one step of `co` for `batch` streams: its FLOPs (torch.utils.flop_counter,
+    fused Transformer kernels off) and the bytes of the constants it reads, both observed on one
+    step of a random chunk, and its state's bytes.
+
+    >>> print(roofline(co, measure_machine()))
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    chunk = chunks_of(co, co.inputs.unflatten(co.example_inputs(batch, frames=co.step_frames)))[0]
+    state = co.initial_state(batch)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            co.step(chunk, state)                        # traces the step graph for this batch
+            reads = _ConstantReads(torch.utils._pytree.tree_leaves((chunk, state)))
+            with FlopCounterMode(display=False) as flops, reads:
+                co.step(chunk, state)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return Roofline(flops.get_total_flops(), sum(reads.read.values()),
+                    sum(t.nbytes for t in state), machine)
+
+
+class _ConstantReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of every tensor an op reads that the step did not make and was not given (its
+    constants: weights, prepared weight layouts, adjacency), each storage counted once."""
+
+    def __init__(self, given):
+        super().__init__()
+        self.seen = {_storage(t) for t in given if isinstance(t, torch.Tensor)}
+        self.read: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and _storage(t) not in self.seen:
+                self.read[_storage(t)] = t.untyped_storage().nbytes()
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _storage(t) not in self.read:
+                self.seen.add(_storage(t))
+        return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def bound_cell(bound: Roofline | None, seconds: float | None) -> str:
+    """`3.2x`: a step's time over its roofline bound, or `n/a`."""
+    share = bound.share(seconds) if bound is not None else None
+    return "n/a" if share is None or not math.isfinite(share) else f"{share:.1f}x"
+
+
+# -- many streams -----------------------------------------------------------------------------------
+STREAMS = (1, 4, 16, 64)          # the stream counts of the docs' table
+
+
+@dataclass(frozen=True)
+class Streams:
+    """One batched call stepping `streams` independent streams in one runtime, against re-running
+    a clip per stream (the offline model on one stream's clip, once for each stream and step).
+
+    step  seconds per batched call (every stream advances step_frames frames)
+    clip  seconds of one stream's clip in the same runtime (None: it does not export there)"""
+
+    runtime: str
+    streams: int
+    step: float
+    clip: float | None
+    step_frames: int
+
+    @property
+    def per_stream(self) -> float:
+        return self.step / self.streams
+
+    @property
+    def frames_per_second(self) -> float:
+        """Frames one core takes in per second, over all streams."""
+        return self.streams * self.step_frames / self.step
+
+    def sustained(self, fps: float) -> float:
+        """Streams of `fps` frames per second one core keeps up with at this batch."""
+        return self.frames_per_second / fps
+
+    def clip_sustained(self, fps: float) -> float | None:
+        """The same when every stream's prediction re-runs its clip (one per step_frames frames)."""
+        return None if not self.clip else self.step_frames / (fps * self.clip)
+
+
+def measure_streams(model, clip, co, counts, rounds: int, folder: str, runtimes=None,
+                    threads: int | None = 1, log=None) -> list[Streams]:
+    """Per runtime (default eager) and stream count, one batched step of that many streams of
+    random frames, and the clip of one stream, all timed interleaved over `rounds` rounds."""
+    runtimes = [RUNTIMES["eager"]] if runtimes is None else runtimes
+    fns, why = {}, {}
+    with torch.no_grad():
+        for rt in runtimes:
+            path = _write(co, rt, folder, log)
+            try:
+                fns[f"{rt.name} clip"] = rt.clip(model, clip, folder, threads, co)
+            except Unavailable as err:
+                why[rt.name] = str(err)
+            form = rt.step(co, path, threads)
+            for n in counts:
+                batch = co.inputs.unflatten(co.example_inputs(n, torch.Generator().manual_seed(n), co.clip_length))
+                chunks = [form.convert(c) for c in chunks_of(co, batch)[:8]]
+                fns[f"{rt.name} {n}"] = Stepper(form.call, form.initial_state(n), chunks, max(1, 16 // n))
+        seconds = interleaved(fns, rounds)
+    return [Streams(rt.name, n, seconds[f"{rt.name} {n}"], seconds.get(f"{rt.name} clip"), co.step_frames)
+            for rt in runtimes for n in counts]
+
+
+def streams_table(rows: list[Streams], fps: float) -> str:
+    """The streams' costs as a Markdown table, one row per runtime and stream count."""
+    base = {r.runtime: r.per_stream for r in rows if r.streams == min(x.streams for x in rows)}
+    head = ["runtime", "streams", "ms per call", "ms per stream", "vs fewest", "frames/s per core",
+            f"streams at {fps:g} fps", f"clip per stream: streams at {fps:g} fps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        clip = r.clip_sustained(fps)
+        lines.append(f"| {r.runtime} | {r.streams} | {ms_cell(r.step, 2)} | {ms_cell(r.per_stream)} | "
+                     f"{r.per_stream / base[r.runtime]:.2f} | {r.frames_per_second:.0f} | "
+                     f"{r.sustained(fps):.1f} | {'n/a' if clip is None else f'{clip:.2f}'} |")
+    return "\n".join(lines)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 def ratio_cell(lat: Latency, ideal: float) -> str:
     """`16.4x (102%)`: the speedup and its share of the ideal, or `n/a` with why the clip has no

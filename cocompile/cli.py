@@ -133,6 +133,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
                             "on --calibration clips), each also against the float32 step")
         p.add_argument("--calibration", metavar="N|CLIPS.pt", default="8",
                        help="--dtype int8: N random clips (default 8) or a file of clips")
+        p.add_argument("--streams", type=_counts, metavar="N[,N...]",
+                       help="step N independent streams in one batched call (e.g. 1,4,16,64): frames "
+                            "per second per core and the streams one core sustains at --fps, against "
+                            "re-running a clip per stream")
+        p.add_argument("--fps", type=float, default=30.0,
+                       help="--streams: frames per second of each stream (default 30)")
     p.add_argument("--input-shape", action="append",
                    help="example input shape, e.g. 1,3,16,112,112 (batch first); once per model "
                         "input for a model of several inputs (passed as positional arguments)")
@@ -156,6 +162,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number of steps")
     return value
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """argparse type: '16' or '1,4,16,64' -> positive stream counts."""
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of streams like 16 or 1,4,16,64") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every number of streams must be at least 1")
+    return counts
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -360,6 +377,8 @@ def cmd_bench(args) -> int:
     torch.set_num_threads(1)
     if args.dtype != "float32":
         return cmd_bench_dtype(args)
+    if args.streams:
+        return cmd_bench_streams(args)
     timings = {}
     loaded, clip, co = _compile(args, timings=timings)
     model = loaded.model.eval()
@@ -374,9 +393,12 @@ def cmd_bench(args) -> int:
     rounds = min(20, max(3, args.steps // 10))
     stream = -(-args.steps // rounds)                 # --steps timed steps per runtime in all
     given = {"onnxruntime": args.artifact} if args.artifact else None
+    with phase("measuring this machine's peak FLOP/s and bandwidth, and the step's roofline"):
+        bound = bench.roofline(co, bench.measure_machine(), bench.batch_of(clip))
+    print(bound, flush=True)
     with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing clip and step"):
         latency = bench.measure(model, clip, co, chunks, rounds, stream, tmp, runtimes, given)
-    print(bench_table(co, clip, latency, rounds, stream), flush=True)
+    print(bench_table(co, clip, latency, rounds, stream, bound), flush=True)
     if args.artifact:
         print(bench.stream_drift(args.artifact, args.steps))
     return OK
@@ -489,17 +511,36 @@ def _float32_twins_name(dtype: str, name: str) -> str:
     return "onnxruntime" if dtype == "int8" else name
 
 
-def bench_table(co, clip, latency: dict, rounds: int, stream: int) -> str:
-    """The step against the clip per runtime, one line each."""
+def cmd_bench_streams(args) -> int:
+    """bench --streams: per runtime, one batched step of N streams for each N against re-running
+    a clip per stream, timed interleaved (cocompile.bench.measure_streams)."""
+    import tempfile
+
+    loaded, clip, co = _compile(args)
+    runtimes = [bench.RUNTIMES["eager"]] if args.eager_only else \
+        [bench.RUNTIMES[n] for n in ("eager", "onnxruntime")]
+    rounds = min(20, max(3, args.steps // 10))
+    with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing batched steps"):
+        rows = bench.measure_streams(loaded.model.eval(), clip, co, args.streams, rounds, tmp, runtimes)
+    print(f"{plural(co.step_frames, 'frame')} per stream and call, 1 thread (one core); medians of "
+          f"{plural(rounds, 'interleaved round')}; a clip per stream: the offline model on one "
+          f"stream's {plural(co.clip_length, 'frame')} clip for every stream and step")
+    print(bench.streams_table(rows, args.fps), flush=True)
+    return OK
+
+
+def bench_table(co, clip, latency: dict, rounds: int, stream: int, bound=None) -> str:
+    """The step against the clip per runtime, one line each; with the step's roofline `bound`
+    (cocompile.bench.Roofline), each step's time over it."""
     ideal = co.clip_length / co.step_frames
     lines = [f"clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')} "
              f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip)}; each step against the "
              f"clip in the same runtime, medians of {plural(rounds, 'interleaved round')} (each: "
              f"the clip once, then {plural(stream, 'step')} in a row)",
-             f"{'runtime':<14}{'clip ms':>12}{'step ms':>12}  clip / step (of ideal)"]
+             f"{'runtime':<14}{'clip ms':>12}{'step ms':>12}  {'clip / step (of ideal)':<24}step / roofline"]
     for lat in latency.values():
         lines.append(f"{lat.runtime:<14}{bench.ms_cell(lat.clip):>12}{bench.ms_cell(lat.step):>12}  "
-                     + bench.ratio_cell(lat, ideal))
+                     f"{bench.ratio_cell(lat, ideal):<24}{bench.bound_cell(bound, lat.step)}")
     return "\n".join(lines)
 
 

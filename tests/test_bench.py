@@ -96,3 +96,60 @@ def test_the_clip_session_has_the_step_sessions_options(setup):
         for key in ("intra_op_num_threads", "inter_op_num_threads", "execution_mode",
                     "graph_optimization_level"):
             assert getattr(clip, key) == getattr(step, key), (threads, key)
+
+
+# -- roofline and many streams (tiny sizes, no timed assertions) -----------------------------------
+def test_roofline_counts_flops_weights_and_state(setup):
+    """The bound is max(FLOPs / peak, (weights + 2 x state) / bandwidth), from what one step
+    runs: its FLOPs as torch's counter sees them, every weight once, the state's bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, clip, co, _, _ = setup
+    machine = bench.Machine(flops=1e9, bandwidth=4e8)
+    r = bench.roofline(co, machine, batch=2)
+    state = co.initial_state(2)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        co.step(torch.randn(2, 3, co.step_frames), state)
+    assert r.flops == counter.get_total_flops() > 0
+    assert r.state_bytes == sum(t.nbytes for t in state)
+    assert r.weight_bytes == sum(p.nbytes for p in model.parameters())
+    assert r.bytes == r.weight_bytes + 2 * r.state_bytes
+    assert r.bound == max(r.flops / 1e9, r.bytes / 4e8)
+    assert r.limit == ("compute" if r.flops / 1e9 >= r.bytes / 4e8 else "memory")
+    assert r.share(3 * r.bound) == pytest.approx(3.0) and bench.bound_cell(r, 3 * r.bound) == "3.0x"
+    assert "MFLOPs" in str(r) and r.limit in str(r)
+
+
+def test_machine_is_measured():
+    m = bench.measure_machine(size=128, megabytes=2, repeats=1)
+    assert 0 < m.flops < float("inf") and 0 < m.bandwidth < float("inf") and m.threads == 1
+
+
+def test_streams_step_in_one_batched_call(setup):
+    """Every stream count gets a row per runtime; the derived numbers follow from the timings."""
+    model, clip, co, _, folder = setup
+    rows = bench.measure_streams(model, clip, co, (1, 3), rounds=1, folder=str(folder))
+    assert [(r.runtime, r.streams) for r in rows] == [("eager", 1), ("eager", 3)]
+    for r in rows:
+        assert r.step > 0 and r.clip > 0 and r.step_frames == co.step_frames
+        assert r.per_stream == r.step / r.streams
+        assert r.sustained(30) == pytest.approx(r.streams * co.step_frames / r.step / 30)
+        assert r.clip_sustained(30) == pytest.approx(co.step_frames / (30 * r.clip))
+    table = bench.streams_table(rows, 30).splitlines()
+    assert len(table) == 4 and "streams at 30 fps" in table[0]
+
+
+def test_cli_bench_streams(setup, tmp_path, capsys):
+    """`cocompile bench MODEL --streams 1,2 --eager-only`: the streams table; --streams 0 is a
+    usage error."""
+    from cocompile.cli import main
+
+    model, clip = setup[:2]
+    torch.export.save(torch.export.export(model, (clip,)), tmp_path / "m.pt2")
+    path = str(tmp_path / "m.pt2")
+    code = main(["bench", path, "--streams", "1,2", "--eager-only", "--steps", "3", "--fps", "25"])
+    out = capsys.readouterr().out
+    assert code == 0 and "streams at 25 fps" in out
+    assert [ln.split("|")[2].strip() for ln in out.splitlines() if ln.startswith("| eager")] == ["1", "2"]
+    assert main(["bench", path, "--streams", "0"]) == 2
+    assert "every number of streams must be at least 1" in capsys.readouterr().err
