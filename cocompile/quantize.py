@@ -4,9 +4,10 @@
     cocompile MODEL --out co_model.onnx --quantize int8 [--calibration N | --calibration clips.pt]
 
 1. The float step is written as ONNX as usual (cocompile.export.write_onnx).
-2. Calibration steps the FLOAT continual model through every calibration clip from the zero state;
-   the inputs of each step (its frames and the state it was given) are one calibration sample, so
-   the state inputs are calibrated on the values a real stream puts there, not on zeros.
+2. Calibration steps the FLOAT continual model through the calibration clips, one after the other
+   as one stream from the zero state; the inputs of each step (its frames and the state it was
+   given) are one calibration sample, so the state inputs are calibrated on the values a real
+   stream puts there, in its warm-up and in its steady state, not on zeros.
 3. `quantize_static` in QDQ format: int8 weights per output channel, uint8 activations (the
    u8s8 kernels of onnxruntime's CPU provider), MinMax ranges. What stays float (KEEP_FLOAT,
    chosen by measurement, docs/precision.md): every tensor at the step boundary, i.e. the state
@@ -151,7 +152,10 @@ def _input_values(path: str) -> list:
 # -- calibration ------------------------------------------------------------------------------------
 class SteppingReader:
     """onnxruntime CalibrationDataReader: the feeds of every step of the float continual model
-    through each clip from the zero state (frames and the state that step was given)."""
+    through the clips, played one after the other as one stream from the zero state (frames and
+    the state that step was given). The first clip's steps see the warm-up, the later ones the
+    steady state a live stream settles in (clip windows full of real frames), which a stream
+    restarted at every clip would show only at its last step."""
 
     def __init__(self, co, clips: list):
         self.co, self.clips = co, clips
@@ -159,10 +163,10 @@ class SteppingReader:
         self._feeds = self._steps()
 
     def _steps(self):
-        co = self.co
+        co, state = self.co, None
         for clip in self.clips:
             leaves = [t.to(co.device) for t in co.inputs.leaves(clip, "calibration clip")]
-            state = co.initial_state(leaves[0].shape[0])
+            state = co.initial_state(leaves[0].shape[0]) if state is None else state
             for chunk in co.inputs.steps(leaves, co.step_frames):
                 yield {n: t.detach().cpu().numpy() for n, t in zip(self.names, (*chunk, *state))}
                 with torch.no_grad():
