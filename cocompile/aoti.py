@@ -35,7 +35,7 @@ from .step import TracedStep
 # weights as constants of the code: folded and prepacked (Inductor applies it to inference graphs)
 OPTIONS = {"freezing": True}
 INPUTS_KEY, STATES_KEY = "cocompile.inputs", "cocompile.states"
-PACKAGE_MARK = "/data/aotinductor/"         # where a package keeps its compiled model
+PACKAGE_MARK = "data/aotinductor/"          # where a package keeps its compiled model
 
 
 class ContiguousOutputs(torch.nn.Module):
@@ -76,8 +76,8 @@ class InductorStep:
 
     def step(self, x_chunk, state: tuple) -> tuple:
         """As `co.step`: (outputs in the model's structure, next state)."""
-        # contiguous: one compile per batch size, not one per layout (a chunk sliced from a clip)
-        args = tuple(t.contiguous() for t in (*self.co._leaves(x_chunk, exact=True), *state))
+        # one compile per batch size, not one per layout (a chunk sliced from a clip)
+        args = tuple(dense(t) for t in (*self.co._leaves(x_chunk, exact=True), *state))
         key = tuple((t.shape, t.dtype, t.device) for t in args)
         with torch.no_grad():
             if key not in self.graphs:
@@ -91,8 +91,31 @@ class InductorStep:
 
     def _compile(self, args):
         graph = self.traced._trace(args)        # checks the state, as the eager step does
-        return torch.compile(ContiguousOutputs(graph), dynamic=False, fullgraph=True,
-                             options=self.options)
+        if isinstance(graph, torch.fx.GraphModule):
+            contiguous_outputs(graph)
+        else:                                   # not traceable: the interpreter, wrapped
+            graph = ContiguousOutputs(graph)
+        # the graph's own code: dynamo keys its cache by code object, so graphs never share one
+        return torch.compile(graph, dynamic=False, fullgraph=True, options=self.options)
+
+
+def contiguous_outputs(gm: torch.fx.GraphModule) -> None:
+    """Makes every tensor output of `gm` contiguous, in the graph (see ContiguousOutputs)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    with gm.graph.inserting_before(out):
+        out.args = (pytree.tree_map_only(torch.fx.Node, lambda n: gm.graph.call_method(
+            "contiguous", (n,)), out.args[0]),)
+    gm.recompile()
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous, with the strides of a fresh tensor on its axes of size 1 too (which
+    `contiguous()` leaves as they are, and dynamo's guards compare)."""
+    t, strides, n = t.contiguous(), [], 1
+    for size in reversed(t.shape):          # row-major: each axis steps over the axes after it
+        strides.insert(0, n)
+        n *= max(size, 1)
+    return t if t.stride() == tuple(strides) else t.as_strided(t.shape, strides)
 
 
 def compiled_step(co, mode: str = "default") -> InductorStep:

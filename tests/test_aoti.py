@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import cocompile
 from cocompile import metadata as md
@@ -28,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples", "aoti_runner"))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import tcn  # noqa: E402
-from frames import read_tensors  # noqa: E402
+from check import runner_error  # noqa: E402
 
 DOC = open(os.path.join(ROOT, "docs", "deployment.md")).read()
 SECTION = DOC.split("## AOTInductor (C++)", 1)[1].split("\n## ", 1)[0]
@@ -112,19 +111,9 @@ def test_cpp_runner_reproduces_the_step(folder, co):
     """The documented build and run of examples/aoti_runner; its outputs and next states, every
     step, against co.step on the same frames from the zero state (E4)."""
     run_commands(BASH[1], folder)
-    meta = json.loads(md.dumps(co))
-    inputs = [((STREAMS, *i["shape"][1:]), getattr(torch, i["dtype"])) for i in meta["inputs"]]
-    frames = read_tensors(str(folder / "frames.bin"), inputs * 3 * co.clip_length)
-    state, ref = co.initial_state(STREAMS), []
-    with torch.no_grad():
-        for x in frames:
-            outs, state = co.step(x, state)
-            ref.append([*pytree.tree_leaves(outs), *state])
-    layout = [(tuple(t.shape), t.dtype) for step in ref for t in step]
-    got = read_tensors(str(folder / "outputs.bin"), layout)
-    assert len(ref) >= 3 * co.clip_length and frames[0].shape[0] == STREAMS
-    worst = max(_rel(g, w) for g, w in zip(got, (t for step in ref for t in step)))
-    assert worst <= BOUND, worst
+    steps = 3 * co.clip_length                    # the frames the documented command writes
+    error = runner_error(co, str(folder / "frames.bin"), str(folder / "outputs.bin"), steps, STREAMS)
+    assert error <= BOUND, error
 
 
 def test_compiled_step_reproduces_the_step(monkeypatch):
