@@ -7,9 +7,8 @@ rule fails, or returns a CPU tensor that the assertions catch).
 """
 from __future__ import annotations
 
+import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -142,10 +141,10 @@ def test_cuda_graph_refuses_a_model_off_cuda(meta_co):
     assert "co.to('cuda')" in err.value.hint
 
 
-def test_gpu_check_says_there_is_no_gpu_and_exits_cleanly():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, os.path.join(here, "..", "examples", "gpu_check.py")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "no CUDA device" in run.stdout
+def test_gpu_check_says_there_is_no_gpu_and_exits_cleanly(monkeypatch, capsys):
+    """`python examples/gpu_check.py` on a machine without CUDA: a clear line, no error."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu_check = importlib.import_module("gpu_check")
+    assert gpu_check.main([]) is None                 # returns: no SystemExit, no traceback
+    assert "no CUDA device" in capsys.readouterr().out

@@ -6,6 +6,8 @@ The oracle is the float continual model's step (itself E1-checked against the of
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import cocompile
-from cocompile import cli
+from cocompile import cli, quantize
 from cocompile import metadata as md
 from cocompile.quantize import SteppingReader, onnx_step, stream_deviation
 
@@ -51,11 +53,18 @@ def clips(n: int, seed: int = 1) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    model, example = tiny()
-    co = cocompile.compile(model, example)
-    path = str(tmp_path_factory.mktemp("int8") / "co_int8.onnx")
-    assert co.export(path, quantize="int8", calibration=clips(4)) == path
-    return co, path
+    """`cocompile tests/test_quantize.py:tiny --out co_int8.onnx --quantize int8 --calibration
+    clips.pt` (4 clips in the file), and the continual model it quantized (compiled again here:
+    the same model and example compile to the same step)."""
+    folder = tmp_path_factory.mktemp("int8")
+    torch.save(torch.cat(clips(4)), folder / "clips.pt")
+    path = str(folder / "co_int8.onnx")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main([f"{__file__}:tiny", "--out", path, "--quantize", "int8",
+                         "--calibration", str(folder / "clips.pt")])
+    assert code == cli.OK, out.getvalue()
+    return cocompile.compile(*tiny()), path, out.getvalue()
 
 
 def meta(path: str) -> dict:
@@ -63,7 +72,7 @@ def meta(path: str) -> dict:
 
 
 def test_the_artifact_is_a_qdq_int8_step_with_the_float_steps_interface(quantized):
-    co, path = quantized
+    co, path, _ = quantized
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
@@ -77,7 +86,7 @@ def test_the_artifact_is_a_qdq_int8_step_with_the_float_steps_interface(quantize
 def test_the_step_boundary_stays_float(quantized):
     """No state input is read by a QuantizeLinear, no output written by a DequantizeLinear: a
     frame keeps its float value however long it stays in a buffer; the frame counter is int64."""
-    co, path = quantized
+    co, path, _ = quantized
     graph = onnx.load(path).graph
     states = {i.name for i in graph.input if i.name.startswith("state.")}
     outputs = {o.name for o in graph.output}
@@ -91,7 +100,7 @@ def test_the_step_boundary_stays_float(quantized):
 
 
 def test_metadata_marks_it_approximate_with_the_deviation_it_has(quantized):
-    co, path = quantized
+    co, path, _ = quantized
     q = meta(path)["quantization"]
     assert q["approximate"] and q["dtype"] == "int8" and q["calibration_clips"] == 4
     assert meta(path)["states"] == md.metadata(co)["states"]         # nothing else changed
@@ -104,7 +113,7 @@ def test_metadata_marks_it_approximate_with_the_deviation_it_has(quantized):
 def test_the_deviation_does_not_grow_along_a_stream(quantized):
     """Over 40 clips' worth of steps the deviation of the last 3·T steps is at most 1.5x that of
     the first 3·T (examples/precision.py --int8 measures 10^4 steps)."""
-    co, path = quantized
+    co, path, _ = quantized
     window = 3 * co.clip_length
     dev = np.array(stream_deviation(co, path, 40 * co.clip_length))
     assert dev[-window:].max() <= 1.5 * dev[:window].max(), (dev[:window].max(), dev[-window:].max())
@@ -143,16 +152,18 @@ def test_bad_requests_are_refused(tmp_path, kwargs, match):
     assert not path.exists()
 
 
-def test_cli_quantizes_with_clips_from_a_file(tmp_path, capsys):
-    torch.save(torch.cat(clips(3)), tmp_path / "clips.pt")
-    out = tmp_path / "co_int8.onnx"
-    code = cli.main([f"{__file__}:tiny", "--out", str(out), "--quantize", "int8",
-                     "--calibration", str(tmp_path / "clips.pt")])
-    text = capsys.readouterr().out
-    assert code == cli.OK, text
-    q = meta(str(out))["quantization"]
-    assert q["calibration_clips"] == 3
-    assert f"deviation from the float step {q['deviation']:.3g}" in text
+def test_cli_reports_the_deviation(quantized):
+    _, path, text = quantized
+    assert f"deviation from the float step {meta(path)['quantization']['deviation']:.3g}" in text
+
+
+def test_calibration_n_means_n_random_clips_of_the_compiled_length():
+    """co.export(path, quantize="int8", calibration=N) calibrates on N random clips, drawn like
+    the example (the CLI's default --calibration 8)."""
+    model, example = tiny()
+    got = quantize._check(cocompile.compile(model, example), "co.onnx", "int8", 3)
+    assert len(got) == 3 and all(c.shape == example.shape for c in got)
+    assert not torch.equal(got[0], got[1])
 
 
 def test_cli_refuses_int8_in_other_formats(tmp_path, capsys):
@@ -162,7 +173,7 @@ def test_cli_refuses_int8_in_other_formats(tmp_path, capsys):
 
 def test_the_int8_step_runs_batched(quantized):
     """Batch axis dynamic, as for every artifact: streams of a batch step independently."""
-    co, path = quantized
+    co, path, _ = quantized
     step = onnx_step(co, path)
     x = clips(1)[0][:, :, :co.step_frames]
     both = torch.cat([x, 2 * x]).numpy()
