@@ -43,10 +43,15 @@ class GraphedStep:
             for _ in range(WARMUP):
                 co._step_fn(*self.inputs, *self.state)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            flat = co._step_fn(*self.inputs, *self.state)
-            for buf, new in zip(self.state, flat[n:]):      # the next state becomes the state
-                buf.copy_(new)
+        try:
+            with torch.no_grad(), torch.cuda.graph(self.graph):
+                flat = co._step_fn(*self.inputs, *self.state)
+                for buf, new in zip(self.state, flat[n:]):  # the next state becomes the state
+                    buf.copy_(new)
+        except RuntimeError as err:   # e.g. an op that synchronises with the host
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CompileError(f"the step cannot be captured as a CUDA graph: {first}",
+                               hint="step with co.step (eager) instead") from None
         self.outputs = list(flat[:n])
         self.reset()                  # the warm-up and the capture advanced the state
 
