@@ -1,16 +1,29 @@
 """Rewrite of a traced step graph (ATen ops): ops whose result is already at hand are not run.
 
 A traced step runs each of its ops at every step, and each costs a dispatch whatever it computes.
-Tracing leaves ops that compute nothing new: ops on the step's constants alone (a weight permuted
-and reshaped for a matrix product), views that return their input's shape unchanged (a narrow
-over a whole axis, a reshape to the same shape, an identity permute), and additions of the
-constant 0 (a residual branch that is `lambda x: 0`).
+Tracing leaves ops that compute nothing new:
 
-Invariant left behind: no op reads only constants; no view op keeps its input's shape from offset
-0; no `x + 0` whose x (and what x is a view of) has no other reader. Values, and which values
-alias which, are unchanged: a dropped view is replaced by its input, which has the same shape,
-strides and offset; `x + 0` is replaced by x only where nothing else reads x's memory, so an
-in-place op after it mutates nothing else.
+- ops on the step's constants alone (a weight permuted and reshaped for a matrix product), ops
+  that make a constant from nothing but sizes (`arange` for an attention band, `new_zeros` of a
+  value's shape), and what is computed from those only (the band's mask);
+- views that return their input's shape unchanged (a narrow over a whole axis, a reshape to the
+  same shape, an identity permute or movedim), and arithmetic that returns its input (`x + 0`,
+  `x - 0`, `x * 1`, `x / 1`, an integer `x // 1`: a residual branch that is `lambda x: 0`, the
+  frame counter's arithmetic at rate 1);
+- the same op on the same inputs twice (each attention layer rebuilding the same mask from the
+  frame counter);
+- chains of views that leave a contiguous value's elements in order (reshape, transpose of a
+  size-1 axis, reshape again: attention's heads at one token), which are one view;
+- a unary elementwise op between a permute and its inverse (a channels-last product's output
+  put back), which runs on the unpermuted value instead.
+
+Invariant left behind: no op reads only constants or sizes; no view op keeps its input's shape
+from offset 0; no identity arithmetic whose input and result are safe to alias; no two pure ops
+with the same target and inputs; no chain of two or more views that one `view` of its base can
+replace; no `permute(f(permute(x, p)), p^-1)` for a unary elementwise f. Values, and which
+values alias which, are unchanged: a replaced view has the same shape, strides and offset; an
+op is replaced by an equal value only where no in-place op writes either (`x + 0` also where
+nothing else reads x's memory).
 """
 from __future__ import annotations
 
@@ -26,31 +39,60 @@ SAME_SHAPE_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.d
                     aten.expand.default, aten.flatten.using_ints, aten.unflatten.int,
                     aten.contiguous.default, aten.alias.default}
 RANGE_VIEWS = {aten.narrow.default: 2, aten.slice.Tensor: 2}     # op: position of its start
+# views that keep every element (a chain of them may be one view)
+WHOLE_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+               aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+               aten.squeeze.default, aten.flatten.using_ints, aten.unflatten.int, aten.movedim.int, aten.t.default}
+# arithmetic that returns its input: op -> the second operand that makes it an identity
+NEUTRAL = {aten.add.Tensor: 0, aten.add.Scalar: 0, aten.sub.Tensor: 0, aten.sub.Scalar: 0,
+           aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, aten.div.Scalar: 1,
+           aten.floor_divide.default: 1, aten.floor_divide.Scalar: 1}
+# ops whose tensor input gives only its size, dtype and device; ops that leave memory unset
+SIZES_ONLY = {aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+              aten.zeros_like.default, aten.ones_like.default, aten.full_like.default}
+UNSET = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
+         aten.empty_strided.default, aten.new_empty_strided.default}
 
 
 def tidy_step(gm: fx.GraphModule) -> int:
-    """Fold constant-only ops into constants and drop ops that return their input; returns how
-    many ops were removed (running it again removes none)."""
-    removed = _fold_constants(gm) + _drop_identities(gm)
-    if removed:
+    """Fold constants, drop ops that return their input, merge repeated ops, collapse view chains
+    and unpermuted elementwise ops, until nothing changes; returns how many ops went (running it
+    again removes none)."""
+    before = _ops(gm)
+    while _fold_constants(gm) + _drop_identities(gm) + _merge_repeats(gm) + _collapse_views(gm) \
+            + _unpermute_elementwise(gm) + _drop_dead_writes(gm):
         gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return removed
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return before - _ops(gm)
 
 
+def _ops(gm) -> int:
+    return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
+def _pure(n: fx.Node) -> bool:
+    """An ATen op that writes nothing, draws nothing, and leaves no memory unset."""
+    return (n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and not n.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in n.target.tags
+            and n.target not in UNSET)
+
+
+# -- constants ---------------------------------------------------------------------------------------
 def _fold_constants(gm: fx.GraphModule) -> int:
-    """Each op that reads only constants (get_attr) becomes a constant itself."""
-    values, folded = {}, 0
+    """Each pure op that reads only constants (get_attr) or sizes becomes a constant itself."""
+    values, folded, written = {}, 0, _written(gm)
     for n in list(gm.graph.nodes):
         if n.op == "get_attr":
             values[n] = operator.attrgetter(n.target)(gm)
             continue
-        if (n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload)
-                or not n.all_input_nodes or any(a not in values for a in n.all_input_nodes)
-                or n.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in n.target.tags):
+        if not _pure(n) or not n.users or _root(n) in written:    # (a buffer must not be written)
             continue
-        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: values[a])
+        stand_in = _sizes_of(n) if n.target in SIZES_ONLY else {}
+        if any(a not in values and a not in stand_in for a in n.all_input_nodes):
+            continue
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: values.get(a, stand_in.get(a)))
         value = n.target(*args, **kwargs)
         if not isinstance(value, torch.Tensor):
             continue
@@ -65,17 +107,43 @@ def _fold_constants(gm: fx.GraphModule) -> int:
     return folded
 
 
+def _drop_dead_writes(gm: fx.GraphModule) -> int:
+    """An in-place op whose result nobody reads, on a fresh value that nothing else reads (a mask
+    converted to float for an attention that now takes the boolean one), goes with that value."""
+    dropped = 0
+    for n in list(gm.graph.nodes):
+        a = n.args[0] if n.op == "call_function" and n.args and not n.users else None
+        if (isinstance(a, fx.Node) and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+                and n.target._schema.arguments[0].alias_info is not None
+                and n.target._schema.arguments[0].alias_info.is_write
+                and list(a.users) == [n] and _pure(a) and not _is_view(a)):
+            gm.graph.erase_node(n)
+            dropped += 1
+    return dropped
+
+
+def _sizes_of(n: fx.Node) -> dict:
+    """For an op that reads only its input's sizes: an empty tensor of that input's traced
+    shape, dtype and device (what it reads), or {} where the shape is not known."""
+    x = n.args[0]
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return {}
+    return {x: torch.empty(tuple(val.shape), dtype=val.dtype, device=val.device)}
+
+
+# -- identities ----------------------------------------------------------------------------------------
 def _drop_identities(gm: fx.GraphModule) -> int:
     dropped = 0
     for n in list(gm.graph.nodes):
         x = n.args[0] if n.op == "call_function" and n.args else None
-        if isinstance(x, fx.Node) and _returns_input(n, x):
+        if isinstance(x, fx.Node) and n.users and _returns_input(n, x, gm):
             n.replace_all_uses_with(x)
             dropped += 1
     return dropped
 
 
-def _returns_input(n: fx.Node, x: fx.Node) -> bool:
+def _returns_input(n: fx.Node, x: fx.Node, gm: fx.GraphModule) -> bool:
     out, inp = n.meta.get("val"), x.meta.get("val")
     if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
         return False
@@ -87,10 +155,22 @@ def _returns_input(n: fx.Node, x: fx.Node) -> bool:
         return same and (n.args[i] if len(n.args) > i else 0) in (0, None)
     if n.target is aten.permute.default:
         return list(n.args[1]) == list(range(len(n.args[1])))
-    if n.target is aten.add.Tensor and len(n.args) == 2 and not n.kwargs:
-        # x + 0 is a new tensor; x may stand for it only where nothing else reads x's memory
-        return n.args[1] == 0 and not isinstance(n.args[1], bool) and same and _read_once(x)
+    if n.target is aten.movedim.int:
+        return n.args[1] % out.dim() == n.args[2] % out.dim()
+    if n.target in NEUTRAL and len(n.args) == 2 and not n.kwargs and _neutral(n, out):
+        # x op neutral is a new tensor: x may stand for it where neither is written in place,
+        # or where nothing else reads x's memory (and it is no output: an output would alias x)
+        return same and not any(u.op == "output" for u in n.users) \
+            and (_read_once(x) or not ({_root(n), _root(x)} & _written(gm)))
     return False
+
+
+def _neutral(n: fx.Node, out: torch.Tensor) -> bool:
+    """The second operand is the op's neutral number (and // 1 is an identity on integers)."""
+    b = n.args[1]
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or b != NEUTRAL[n.target]:
+        return False
+    return "floor_divide" not in str(n.target) or not out.is_floating_point()
 
 
 def _read_once(x: fx.Node) -> bool:
@@ -99,9 +179,140 @@ def _read_once(x: fx.Node) -> bool:
     while True:
         if x.op != "call_function" or len(x.users) != 1 or not isinstance(x.target, torch._ops.OpOverload):
             return False
-        returns = x.target._schema.returns
-        if not returns or returns[0].alias_info is None:
+        if not _is_view(x):
             return True
         x = x.args[0]
         if not isinstance(x, fx.Node):
             return False
+
+
+def _is_view(n: fx.Node) -> bool:
+    """The op returns a view of its first argument."""
+    returns = n.target._schema.returns if isinstance(n.target, torch._ops.OpOverload) else ()
+    return bool(returns) and returns[0].alias_info is not None and isinstance(n.args[0], fx.Node)
+
+
+def _root(n: fx.Node) -> fx.Node:
+    """The value whose memory `n` is a view of (n itself if it is not a view)."""
+    while n.op == "call_function" and _is_view(n):
+        n = n.args[0]
+    return n
+
+
+def _written(gm: fx.GraphModule) -> set:
+    """Roots (see _root) of the memory that some op writes in place."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        for arg, a in zip(n.target._schema.arguments, n.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(a, fx.Node):
+                out.add(_root(a))
+    return out
+
+
+# -- repeats -------------------------------------------------------------------------------------------
+def _merge_repeats(gm: fx.GraphModule) -> int:
+    """A pure op with the target and inputs of an earlier one reads that one's value instead
+    (where no in-place op writes the memory of either); constants this pass folded that are
+    equal are one."""
+    seen, merged, written = {}, _merge_equal_constants(gm), _written(gm)
+    for n in list(gm.graph.nodes):
+        if not _pure(n) or not n.users or _root(n) in written:
+            continue
+        # a constant by its attribute (tracing reads one attribute through several nodes)
+        key = repr((n.target, fx.node.map_arg((n.args, n.kwargs), lambda a: (
+            ("@", a.target) if a.op == "get_attr" else ("%", a.name)))))
+        if key in seen:
+            n.replace_all_uses_with(seen[key])
+            merged += 1
+        else:
+            seen[key] = n
+    return merged
+
+
+def _merge_equal_constants(gm: fx.GraphModule) -> int:
+    """Folded constants (made by _fold_constants) with equal values: readers of the later read
+    the first."""
+    kept, merged = {}, 0
+    for n in list(gm.graph.nodes):
+        if n.op != "get_attr" or not n.target.startswith("_folded_") or not n.users:
+            continue
+        t = getattr(gm, n.target)
+        same = kept.setdefault((t.shape, t.dtype, t.stride(), t.device), [])
+        first = next((m for m in same if torch.equal(getattr(gm, m.target), t)), None)
+        if first is None:
+            same.append(n)
+        else:
+            n.replace_all_uses_with(first)
+            merged += 1
+    return merged
+
+
+# -- views ---------------------------------------------------------------------------------------------
+def _collapse_views(gm: fx.GraphModule) -> int:
+    """A chain of two or more whole-element views from a contiguous base to a contiguous result
+    that aliases it at the same offset is `view(base, shape)`."""
+    collapsed = 0
+    for n in list(gm.graph.nodes):
+        if n.target not in WHOLE_VIEWS or not n.users or getattr(n.args[0], "target", None) not in WHOLE_VIEWS:
+            continue
+        chain, base = [n], n.args[0]
+        while base.op == "call_function" and base.target in WHOLE_VIEWS:
+            chain.append(base)
+            base = base.args[0]
+        if not _same_elements(base, chain[::-1], n):
+            continue
+        with gm.graph.inserting_before(n):
+            view = gm.graph.call_function(aten.view.default, (base, list(n.meta["val"].shape)))
+        view.meta = dict(n.meta)
+        n.replace_all_uses_with(view)
+        collapsed += 1
+    return collapsed
+
+
+def _same_elements(base: fx.Node, chain: list, last: fx.Node) -> bool:
+    """The chain of views, replayed on a meta tensor laid out like `base`, ends contiguous,
+    aliasing it, from its offset (so it is base's memory read in order)."""
+    b, out = base.meta.get("val"), last.meta.get("val")
+    if not isinstance(b, torch.Tensor) or not isinstance(out, torch.Tensor) or not b.is_contiguous() \
+            or not out.is_contiguous() or not all(isinstance(s, int) for s in (*b.shape, *out.shape)):
+        return False
+    probe = torch.empty_strided(tuple(b.shape), tuple(b.stride()), dtype=b.dtype, device="meta")
+    t = probe
+    for node in chain:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: t)
+        t = node.target(*args, **kwargs)
+    return torch._C._is_alias_of(t, probe) and t.is_contiguous() and t.storage_offset() == probe.storage_offset()
+
+
+def _unpermute_elementwise(gm: fx.GraphModule) -> int:
+    """permute(f(permute(x, p)), q) with q undoing p and f unary elementwise is f(x)."""
+    done = 0
+    for n in list(gm.graph.nodes):
+        f = n.args[0] if n.target is aten.permute.default and n.users else None
+        if not isinstance(f, fx.Node) or not _unary_elementwise(f) or len(f.users) != 1:
+            continue
+        p = f.args[0]
+        if not isinstance(p, fx.Node) or p.target is not aten.permute.default or len(p.users) != 1:
+            continue
+        perm, back = [d % len(p.args[1]) for d in p.args[1]], [d % len(n.args[1]) for d in n.args[1]]
+        if [perm[i] for i in back] != list(range(len(perm))):
+            continue
+        x = p.args[0].meta.get("val")
+        mode = getattr(x, "fake_mode", None)
+        if mode is None:
+            continue
+        with gm.graph.inserting_before(n):
+            g = gm.graph.call_function(f.target, (p.args[0], *f.args[1:]), dict(f.kwargs))
+        with mode:                          # its value: f on x's layout, not the permuted one
+            g.meta = {**n.meta, "val": f.target(x, *f.args[1:], **f.kwargs)}
+        n.replace_all_uses_with(g)
+        done += 1
+    return done
+
+
+def _unary_elementwise(f: fx.Node) -> bool:
+    """An out-of-place elementwise op of one tensor (other arguments are numbers)."""
+    return (_pure(f) and torch.Tag.pointwise in f.target.tags and isinstance(f.args[0], fx.Node)
+            and len(f.all_input_nodes) == 1 and not _is_view(f))

@@ -75,3 +75,70 @@ def test_random_ops_on_constants_are_not_folded():
     tidy_step(gm)
     out1, out2 = gm(torch.zeros(4)), gm(torch.zeros(4))
     assert not torch.equal(out1, out2)
+
+
+class Repeats(nn.Module):
+    """What attention steps hold: a band mask rebuilt from `arange` and the frame counter in
+    every layer, the counter's arithmetic at rate 1 (x * 1 // 1 - 0), heads split and merged by
+    view chains around a size-1 axis, a float copy of the mask filled in place and never read,
+    and a channels-last product's output put back around a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Linear(8, 8)
+
+    def forward(self, x, frames):
+        outs = []
+        for _ in range(2):                                      # two layers, one mask
+            pos = (frames * 1 // 1 - 0)[:, None] + torch.arange(4)[None, :]
+            band = torch.arange(4)[:, None] - torch.arange(4)[None, :]
+            mask = (pos >= 2) & (band >= 0)
+            torch.zeros_like(mask, dtype=torch.float).masked_fill_(mask, float("-inf"))
+            h = self.w(x).reshape(1, 2, 4).transpose(0, 1).reshape(2, 1, 4)      # (1, 8) -> heads
+            outs.append(h.sum() + mask.float().sum())
+        y = torch.relu(x.view(1, 2, 4).permute(0, 2, 1)).permute(0, 2, 1)
+        return outs[0] + outs[1], y, frames + 1
+
+
+def test_tidy_folds_sizes_merges_repeats_collapses_views():
+    torch.manual_seed(1)
+    module = Repeats()
+    x, frames = torch.randn(1, 8), torch.tensor([3])
+    gm = make_fx(module, pre_dispatch=True)(x, frames)
+    ops = {op: _count(gm, op) for op in (aten.arange.default, aten.ge.Scalar, aten.mul.Tensor,
+                                         aten.floor_divide.default, aten.transpose.int,
+                                         aten.permute.default, aten.masked_fill_.Scalar)}
+    assert all(ops.values()), ops
+    removed = tidy_step(gm)
+    assert removed > 0 and tidy_step(gm) == 0
+    for op in (aten.arange.default, aten.mul.Tensor, aten.floor_divide.default, aten.transpose.int,
+               aten.permute.default, aten.masked_fill_.Scalar, aten.zeros_like.default):
+        assert _count(gm, op) == 0, op
+    assert _count(gm, aten.ge.Scalar) == 1                        # the mask is built once
+    assert _count(gm, aten.linear.default) == 1                    # the same Linear of x, once
+    assert not any(n.target is aten.view.default and n.args[0].target is aten.view.default
+                   for n in gm.graph.nodes if n.op == "call_function")
+    for f in (torch.tensor([0]), torch.tensor([3]), torch.tensor([7])):
+        x = torch.randn(1, 8)
+        for a, b in zip(gm(x, f), module(x, f)):
+            torch.testing.assert_close(a, b)
+
+
+def test_tidy_keeps_what_an_in_place_op_writes():
+    """A constant that an in-place op writes stays an op (a folded buffer would be changed for
+    the next step), and `x * 1` stays where its result is written in place."""
+    class Writes(nn.Module):
+        def forward(self, x):
+            m = torch.arange(3).float().add_(1)                  # written: not a constant
+            y = (x * 1).relu_()                                  # x * 1 written: kept
+            return x + m, y
+
+    gm = make_fx(Writes(), pre_dispatch=True)(torch.randn(3))
+    tidy_step(gm)
+    assert _count(gm, aten.arange.default) == 1 and _count(gm, aten.mul.Tensor) == 1
+    x = torch.randn(3)
+    for _ in range(2):
+        x_in = x.clone()
+        for a, b in zip(gm(x_in), Writes()(x)):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(x_in, x)                      # the input was not written
