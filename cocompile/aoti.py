@@ -184,17 +184,6 @@ def is_package(path: str) -> bool:
         return any(PACKAGE_MARK in name for name in archive.namelist())
 
 
-def package_meta(path: str) -> dict:
-    """The cocompile metadata of a package, read without loading its library."""
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if PACKAGE_MARK in name and name.endswith("wrapper_metadata.json"):
-                text = json.loads(archive.read(name)).get(md.KEY)
-                if text:
-                    return json.loads(text)
-    raise ValueError(f"{path} has no cocompile metadata: not written by cocompile")
-
-
 def load_package(path: str):
     """(metadata, run) of a package: run(*inputs, *state) -> (*outputs, *next_state), on the CPU."""
     model = torch._inductor.aoti_load_package(path)

@@ -68,7 +68,8 @@ def folder(tmp_path_factory):
 def co():
     """The continual model of the TCN the documented command compiles (same factory, same clip
     shape): the oracle the package is checked against."""
-    return cocompile.compile(tcn.build("small"), tcn.example_input("small"), time_dim=2)
+    return cocompile.compile(tcn.build("small"), tcn.example_input("small"), time_dim=2,
+                             verify=False)        # E1 is the CLI's to check here; E4 is ours
 
 
 def test_the_section_documents_package_runner_and_both_python_uses():

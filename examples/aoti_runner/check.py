@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))            # examples/: the example mo
 
 import cocompile  # noqa: E402
 from cocompile.export import _rel, check_artifact  # noqa: E402
-from frames import read_tensors, write_frames  # noqa: E402
+from frames import read_arrays, write_frames  # noqa: E402
 
 
 def eager_steps(co, frames: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -44,12 +44,17 @@ def runner_error(co, frames_path: str, outputs_path: str, steps: int, batch: int
     """Largest error of the runner's outputs and next states (all steps) against `co.step` on the
     same frames, relative to max(1, max|ref|) per tensor, as E4 measures it."""
     inputs = [((batch, *s.chunk_shape(1, co.step_frames)[1:]),
-               co.dtype if s.dtype.is_floating_point else s.dtype) for s in co.inputs.specs]
-    frames = read_tensors(frames_path, inputs * steps)
+               _name(co.dtype if s.dtype.is_floating_point else s.dtype)) for s in co.inputs.specs]
+    frames = [torch.from_numpy(a.copy()) for a in read_arrays(frames_path, inputs * steps)]
     n = len(inputs)
     ref = eager_steps(co, [co.inputs.unflatten(frames[i:i + n]) for i in range(0, len(frames), n)])
-    got = read_tensors(outputs_path, [(tuple(t.shape), t.dtype) for step in ref for t in step])
-    return max(_rel(g, w) for g, w in zip(got, (t for step in ref for t in step)))
+    flat = [t for step in ref for t in step]
+    got = read_arrays(outputs_path, [(tuple(t.shape), _name(t.dtype)) for t in flat])
+    return max(_rel(torch.from_numpy(g.copy()), w) for g, w in zip(got, flat))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")         # numpy's spelling: float32, int64
 
 
 def check(name: str, size: str, runner: str | None = None, batch: int = 2) -> dict:
