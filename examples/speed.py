@@ -1,6 +1,7 @@
 """Step latency of every example against re-running its clip, in each runtime: eager, TorchScript, onnxruntime.
 
     python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--stream N] [--plot FILE.png]
+                             [--together]
 
 Two tables from one run, one thread, batch 1. Each step form is compared with the offline clip run
 the same way (cocompile.bench): the eager `co.step` with `model(clip)`, the TorchScript artifact
@@ -8,6 +9,11 @@ the same way (cocompile.bench): the eager `co.step` with `model(clip)`, the Torc
 `cocompile.runtime.Session(path, threads=1)` with the model exported by
 `torch.onnx.export(model, clip, dynamo=True)` and run in onnxruntime with the same session options.
 A runtime that cannot export the offline model shows why instead of a number.
+
+A third table puts each step beside its physical limit, the roofline bound of
+`cocompile.bench.roofline`: max(step FLOPs / peak FLOP/s, (weights read + 2 x state) / bandwidth),
+with the peak (a large float32 matmul) and the bandwidth (a large copy) measured once per run, on
+one thread, by `bench.measure_machine`; "step / roofline" is a step's time over that bound.
 
 The speedups table: per runtime, the clip's latency over the step's, also as a share of the ideal
 `T / step_frames` (a step that brings in step_frames new frames of a T-frame clip can at best cost
@@ -27,7 +33,10 @@ the slowest case).
 Each example is measured in a Python process of its own (this script again, with `--in-process`
 and one example), as a deployment runs one model per process: what an example measures then does
 not depend on which examples the same process compiled, exported and timed before it (their freed
-memory, allocator and cache state). `--in-process` measures every example in this process instead.
+memory, allocator and cache state). `--in-process` measures every example in this process instead;
+`--together` does too, and interleaves the examples as well: every round times every example's
+clips and steps, so that the ratio of two examples' steps (the per-subset ST-GCN against the
+stride-1 one) is taken under the same load.
 """
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ EXAMPLES = {
     "tcn": ("tcn", {}),
     "st-gcn": ("stgcn", {"variant": "strided"}),
     "st-gcn-s1": ("stgcn", {"variant": "stride1"}),
+    "st-gcn-subsets": ("stgcn", {"variant": "subsets"}),
     "oadtr": ("oadtr", {}),
     "audio_transformer": ("audio_transformer", {}),
 }
@@ -76,6 +86,14 @@ class Row:
     clip_flops: int
     step_flops: int
     state_bytes: int
+    roofline: dict = dataclasses.field(default_factory=dict)   # bench.Roofline's fields
+
+    @property
+    def bound(self) -> bench.Roofline | None:
+        """The step's roofline bound (None in rows measured without one)."""
+        if not self.roofline:
+            return None
+        return bench.Roofline(**{**self.roofline, "machine": bench.Machine(**self.roofline["machine"])})
 
     @property
     def ideal(self) -> float:
@@ -101,9 +119,35 @@ class Row:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
+def measure(name: str, size: str, rounds: int, stream: int = 10, machine: bench.Machine | None = None) -> Row:
     """Compile one example, write its artifacts and the offline model's exports to a temporary
-    folder, and time the clip and the step in every runtime."""
+    folder, and time the clip and the step in every runtime; the step's roofline on `machine`
+    (measured here if not given)."""
+    return measure_together([name], size, rounds, stream, machine)[0]
+
+
+def measure_together(names: list[str], size: str, rounds: int, stream: int = 10,
+                     machine: bench.Machine | None = None) -> list[Row]:
+    """`measure` for several examples in this process, every clip and step of every example
+    timed in each round (interleaved across examples too: their ratios share the machine's
+    drift)."""
+    machine = machine or bench.measure_machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = [_prepare(name, size, stream, machine, os.path.join(tmp, name)) for name in names]
+        with torch.no_grad():
+            seconds = bench.interleaved({f"{p[0].name} {k}": fn for p in prepared for k, fn in p[1].items()},
+                                        rounds)
+    rows = []
+    for row, _, why in prepared:
+        row.latency = {rt: bench.Latency(rt, seconds.get(f"{row.name} {rt} clip"),
+                                         seconds[f"{row.name} {rt} step"], why.get(rt, "")) for rt in RUNTIMES}
+        rows.append(row)
+    return rows
+
+
+def _prepare(name: str, size: str, stream: int, machine: bench.Machine, folder: str) -> tuple:
+    """(Row without latencies, {"<runtime> clip|step": call}, {runtime: why no clip}) of one
+    example: compiled, its first step traced, FLOPs and roofline counted, artifacts written."""
     module, kwargs = EXAMPLES[name]
     mod = import_example(module)
     model, clip = mod.build(size, **kwargs), mod.example_input(size)
@@ -116,11 +160,13 @@ def measure(name: str, size: str, rounds: int, stream: int = 10) -> Row:
         co.step(chunks[0], co.initial_state(1))               # traces the step graph
         first_step_s = time.perf_counter() - t0
     flops = cocompile_flops(model, co, clip)
-    with tempfile.TemporaryDirectory() as tmp:
-        latency = bench.measure(model, clip, co, chunks, rounds, min(stream, len(chunks)), tmp,
-                                log=lambda text: log(f"  {text}"))
-    return Row(name, tuple(clip.shape), co.clip_length, co.step_frames, compile_s, first_step_s,
-               latency, flops.clip, flops.step, state_bytes(co))
+    bound = bench.roofline(co, machine)
+    os.makedirs(folder, exist_ok=True)
+    fns, why = bench.calls(model, clip, co, chunks, [bench.RUNTIMES[rt] for rt in RUNTIMES],
+                           min(stream, len(chunks)), folder, log=lambda text: log(f"  {name}: {text}"))
+    row = Row(name, tuple(clip.shape), co.clip_length, co.step_frames, compile_s, first_step_s,
+              {}, flops.clip, flops.step, state_bytes(co), dataclasses.asdict(bound))
+    return row, fns, why
 
 
 # -- reporting -------------------------------------------------------------------------------------
@@ -144,6 +190,19 @@ def latency_columns() -> list:
             *per_runtime,
             ("GFLOPs clip / step", lambda r: f"{r.clip_flops / 1e9:.4g} / {r.step_flops / 1e9:.4g}"),
             ("state KiB", lambda r: f"{r.state_bytes / 1024:.1f}")]
+
+
+def roofline_columns() -> list:
+    """Each step beside its roofline bound (see the module docstring)."""
+    def bound(r, fn):
+        return "n/a" if r.bound is None else fn(r.bound)
+    return [("model", lambda r: r.name),
+            ("MFLOPs / step", lambda r: bound(r, lambda b: f"{b.flops / 1e6:.4g}")),
+            ("MB weights + 2 x state", lambda r: bound(r, lambda b: f"{b.weight_bytes / 1e6:.3g} + 2 x "
+                                                                   f"{b.state_bytes / 1e6:.3g}")),
+            ("roofline ms (bound by)", lambda r: bound(r, lambda b: f"{bench.ms_cell(b.bound)} ({b.limit})")),
+            *((f"{rt} step / roofline", lambda r, rt=rt: bench.bound_cell(r.bound, r.latency[rt].step))
+              for rt in RUNTIMES)]
 
 
 def format_table(rows: list[Row], columns: list) -> str:
@@ -187,16 +246,23 @@ def plot(rows: list[Row], path: str) -> bool:
     return True
 
 
+def _where(args) -> str:
+    if args.together:
+        return "all examples in one process, interleaved"
+    return "all examples in one process" if args.in_process else "each example in a process of its own"
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def measure_apart(name: str, size: str, rounds: int, stream: int) -> Row:
+def measure_apart(name: str, size: str, rounds: int, stream: int, machine: bench.Machine) -> Row:
     """`measure` in a child process (this script with --in-process and one example)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--in-process", "--only", name, "--size", size,
-               "--rounds", str(rounds), "--stream", str(stream), "--json", out]
+               "--rounds", str(rounds), "--stream", str(stream), "--json", out,
+               "--machine", f"{machine.flops},{machine.bandwidth}"]
         if subprocess.run(cmd).returncode:
             raise SystemExit(f"measuring {name} failed (its error is above): {' '.join(cmd)}")
         with open(out) as f:
@@ -214,7 +280,11 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     parser.add_argument("--in-process", action="store_true",
                         help="measure every example in this process (default: a process each)")
+    parser.add_argument("--together", action="store_true",
+                        help="measure the examples in this process with their clips and steps "
+                             "interleaved in every round (to compare examples with each other)")
     parser.add_argument("--json", metavar="FILE", help=argparse.SUPPRESS)   # a child's rows
+    parser.add_argument("--machine", help=argparse.SUPPRESS)   # the parent's peak FLOP/s,bandwidth
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(EXAMPLES))
@@ -223,12 +293,13 @@ def main(argv=None) -> list[Row]:
     if args.rounds < 1 or args.stream < 1:
         parser.error("--rounds and --stream take a positive number")
     torch.set_num_threads(1)
-    rows = []
-    for name in names:
-        if args.in_process:
-            log(f"{name} ({args.size}) ...")
+    # the machine's peak and bandwidth, once per run (children get the parent's)
+    machine = bench.Machine(*map(float, args.machine.split(","))) if args.machine else bench.measure_machine()
+    if args.together:
+        rows = measure_together(names, args.size, args.rounds, args.stream, machine)
+    else:
         run = measure if args.in_process else measure_apart
-        rows.append(run(name, args.size, args.rounds, args.stream))
+        rows = [run(name, args.size, args.rounds, args.stream, machine) for name in names]
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f)
@@ -236,12 +307,14 @@ def main(argv=None) -> list[Row]:
     print(f"cocompile {cocompile.__version__}, torch {torch.__version__}, 1 thread, batch 1, "
           f"median of {args.rounds} interleaved rounds (per round and runtime: the clip once, then "
           f"min({args.stream}, T / step_frames) steps in a row), "
-          f"{'all examples in one process' if args.in_process else 'each example in a process of its own'}")
+          f"{_where(args)}")
     print("\nSpeedup of a step over re-running the clip, both in the same runtime (of ideal: the "
           "share of T / step_frames)\n")
     print(format_table(rows, speedup_columns()))
     print("\nLatencies (ms, medians), compile time, FLOPs and state\n")
     print(format_table(rows, latency_columns()))
+    print(f"\nEach step beside its roofline bound on this machine ({machine})\n")
+    print(format_table(rows, roofline_columns()))
     if args.plot and plot(rows, args.plot):
         print(f"plot: {args.plot}")
     return rows

@@ -10,10 +10,18 @@ keeps its frames as rows too (rows_delays). Runs after the step size is known an
 assign_states, because the form decides the state's shape.
 
 The fastest form depends on the op's shapes and on the machine, so each applicable form is timed
-on the op's real step shapes (batch 1, one thread, a few repetitions, best of them) and the result
-is cached on disk ($XDG_CACHE_HOME/cocompile/conv_forms, keyed by op, shapes, dtype, torch version
+on the op's real step shapes (one thread, a few repetitions, best of them) and the result is cached
+on disk ($XDG_CACHE_HOME/cocompile/conv_forms, keyed by op, shapes, batch, dtype, torch version
 and form). COCOMPILE_CONV_FORM=window|fold|fold-mm|partial|partial-mm forces a form wherever it applies
 (else its conv flavour, else window).
+
+The shapes are those of a step of one stream unless COCOMPILE_FORM_BATCH=N asks for N streams:
+the fastest form of a batched step is not always that of one stream (stride-1 ST-GCN: at one
+stream the 256-channel temporal convs keep partial sums, whose state is read and rewritten in
+full by each step; at 16 streams the window of inputs is faster, 7.9 against 10.3 ms per stream
+in one interleaved run). The form decides the state's layout, so a compiled model has one form
+per conv whatever batch it later steps: a deployment that steps many streams per call compiles
+with the batch it serves.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import time
 import torch
 from torch import fx
 
+from cocompile.errors import CompileError
 from cocompile.ops.conv_forms import (FORM_META, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows,
                                       forced_form, from_rows, partial, partial_rows, prepare, rows_step,
                                       time_pointwise, to_rows)
@@ -36,6 +45,7 @@ from cocompile.ops.window import Convolution, plan
 from cocompile.timeinfo import META, TimeInfo, reads_time
 
 REPEATS, BUDGET_S = 3, 0.03        # timed runs per form: up to 3, stopping after 30 ms
+BATCH_ENV = "COCOMPILE_FORM_BATCH"   # streams per step the forms are measured at (default 1)
 OVERLAP = ConvForm("overlap", None, "only")   # a transposed conv's step (ops/upsample.py)
 STEP_VERSION = 2                   # of the forms' step code: cached times of older code are stale
 
@@ -129,9 +139,22 @@ def _const(arg, consts: dict):
 
 
 # -- measuring ----------------------------------------------------------------------------------
+def form_batch() -> int:
+    """Streams per step the forms are measured at: COCOMPILE_FORM_BATCH, default 1."""
+    value = os.environ.get(BATCH_ENV, "").strip()
+    try:
+        batch = int(value) if value else 1
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise CompileError(f"{BATCH_ENV}={value!r} is not a number of streams",
+                           hint="set it to the number of streams a step serves (e.g. 16), or unset it")
+    return batch
+
+
 def _measure(site: _Site, forms: list[str], consts: dict) -> tuple[dict, str]:
     """({form: ms per step}, "measured" or "cached"), from the cache where it has the entry."""
-    runs = _Runs(site, consts)
+    runs = _Runs(site, consts, form_batch())
     ms, how = {}, "cached"
     for form in forms:
         path = _cache_path(_key(runs, form))
@@ -145,7 +168,7 @@ def _measure(site: _Site, forms: list[str], consts: dict) -> tuple[dict, str]:
 class _Runs:
     """Random inputs of the site's real step shapes (batch 1) and one step of each form on them."""
 
-    def __init__(self, site: _Site, consts: dict):
+    def __init__(self, site: _Site, consts: dict, batch: int = 1):
         node, g, x_info = site.node, site.geometry, site.x
         self.site, gen = site, torch.Generator().manual_seed(0)
         val = node.args[0].meta["val"]
@@ -153,12 +176,13 @@ class _Runs:
         def rand(shape):
             return torch.randn([int(s) for s in shape], generator=gen, dtype=val.dtype).to(val.device)
 
-        self.x = rand(meta_shape(node.args[0], 1, g.frames, x_info))
-        self.window = rand(meta_shape(node.args[0], 1, max(g.state, 0), x_info))
+        self.batch = batch
+        self.x = rand(meta_shape(node.args[0], batch, g.frames, x_info))
+        self.window = rand(meta_shape(node.args[0], batch, max(g.state, 0), x_info))
         out = node.meta[META]
-        self.sums = rand(meta_shape(node, 1, g.extent - 1, out)) if g.extent > 1 else None
+        self.sums = rand(meta_shape(node, batch, g.extent - 1, out)) if g.extent > 1 else None
         self.args = fx.node.map_arg(node.args, lambda n: _const(n, consts) if _const(n, consts) is not None
-                                    else rand(meta_shape(n, 1)))
+                                    else rand(meta_shape(n, batch)))
         self.a = site.rule.conv_args(node, self.args, {})
 
     def buf(self, window, x, t):
@@ -230,6 +254,8 @@ def _key(runs: _Runs, form: str) -> dict:
            "form": form, "step": STEP_VERSION}
     if a["weight"].device.type != "cpu":      # in the key off the CPU only (CPU entries stay valid)
         key["device"] = a["weight"].device.type
+    if runs.batch != 1:                       # likewise: entries measured at batch 1 stay valid
+        key["batch"] = runs.batch
     return key
 
 

@@ -241,6 +241,26 @@ def test_forms_are_measured_cached_and_reported(monkeypatch, tmp_path):
         assert f.name in table
 
 
+def test_forms_measured_at_a_batch_are_cached_apart_and_exact(monkeypatch, tmp_path):
+    """COCOMPILE_FORM_BATCH=N measures each conv's forms on steps of N streams: entries of
+    their own in the cache, and the model streams exactly whatever it chose."""
+    from cocompile.passes.choose_forms import BATCH_ENV
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    model, clip = Stack().eval(), torch.randn(2, 3, 8, 6, 6)
+    cocompile.compile(model, clip[:1], time_dim=2, trace=False)
+    one = set(os.listdir(cache_dir()))
+    monkeypatch.setenv(BATCH_ENV, "3")
+    co = cocompile.compile(model, clip[:1], time_dim=2, trace=False)
+    assert len(set(os.listdir(cache_dir())) - one) == len(one) > 0
+    assert all(f.how in ("measured", "only") for f in conv_forms_of(co).values())
+    assert cocompile.verify(model, co, clip).passed
+    monkeypatch.setenv(BATCH_ENV, "many")
+    with pytest.raises(cocompile.CompileError, match=f"{BATCH_ENV}='many'"):
+        cocompile.compile(model, clip[:1], time_dim=2, trace=False)
+
+
 def test_a_form_that_does_not_exist_is_refused(monkeypatch):
     for value in ("fast", "fold-mm,fast"):
         monkeypatch.setenv(FORCE_ENV, value)

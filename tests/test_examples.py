@@ -113,10 +113,11 @@ def test_bench_conv_stack_script(with_continual, monkeypatch, capsys):
 
 
 def test_speed_script(capsys, tmp_path, monkeypatch):
-    """`python examples/speed.py --size small --only tcn --rounds 3` prints its two tables, one row
-    each with every column; in every runtime the clip and the step have finite positive latencies,
-    and the speedup shown is that runtime's own clip over its own step (no timed assertion); --plot
-    draws the speedups, or says that matplotlib is missing."""
+    """`python examples/speed.py --size small --only tcn --rounds 3` prints its three tables, one
+    row each with every column; in every runtime the clip and the step have finite positive
+    latencies, the speedup shown is that runtime's own clip over its own step, and the step's
+    share of its roofline bound is its time over the bound (no timed assertion); --plot draws the
+    speedups, or says that matplotlib is missing."""
     from importlib.util import find_spec
 
     from cocompile import bench
@@ -125,9 +126,10 @@ def test_speed_script(capsys, tmp_path, monkeypatch):
     rows = speed.main(["--size", "small", "--only", "tcn", "--rounds", "3", "--plot", str(png)])
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith("|")]
-    assert len(lines) == 6 and lines[2].startswith("| tcn |") and lines[5].startswith("| tcn |")
+    assert len(lines) == 9 and all(lines[i].startswith("| tcn |") for i in (2, 5, 8))
     for head, row, columns in ((lines[0], lines[2], speed.speedup_columns()),
-                               (lines[3], lines[5], speed.latency_columns())):
+                               (lines[3], lines[5], speed.latency_columns()),
+                               (lines[6], lines[8], speed.roofline_columns())):
         header = [c.strip() for c in head.strip("|").split("|")]
         assert header == [h for h, _ in columns] and row.count("|") == len(header) + 1
     (r,) = rows
@@ -138,6 +140,10 @@ def test_speed_script(capsys, tmp_path, monkeypatch):
         assert lat.why == "" and all(math.isfinite(t) and t > 0 for t in (lat.clip, lat.step))
         assert r.speedup(name) == lat.clip / lat.step and r.share(name) == r.speedup(name) / r.ideal
         assert cells[f"{name} x (of ideal)"] == f"{r.speedup(name):.1f}x ({r.share(name):.0%})"
+    bound = dict(zip([h for h, _ in speed.roofline_columns()], [c.strip() for c in lines[8].strip("|").split("|")]))
+    for name, lat in r.latency.items():
+        assert bound[f"{name} step / roofline"] == f"{lat.step / r.bound.bound:.1f}x"
+    assert r.bound.flops > 0 and r.bound.weight_bytes > 0 and r.bound.state_bytes == r.state_bytes
     assert r.ideal == r.clip_length / r.step_frames == 32
     assert 0 < r.step_flops < r.clip_flops and r.state_bytes > 0 and r.compile_s > 0
     if find_spec("matplotlib") is None:
