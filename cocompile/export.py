@@ -38,7 +38,7 @@ from .onnx_transposes import sink_transposes
 from .ops.conv_forms import FORM_META, form_of, rows_step
 
 E4_RTOL = 1e-5    # max|Δ| <= E4_RTOL * max(1, max|ref|) for every output and state
-HALF_E4_ULPS = 84  # float16/bfloat16 artifacts: in ulps of their dtype (see e4_rtol)
+HALF_E4_ULPS = 16  # float16/bfloat16 artifacts: in ulps of their dtype (see e4_rtol)
 
 
 class ExplicitStep(torch.nn.Module):
