@@ -1,7 +1,7 @@
 """Step latency of every example against re-running its clip, in each runtime: eager, TorchScript, onnxruntime.
 
     python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--stream N] [--plot FILE.png]
-                             [--together]
+                             [--together] [--runtimes eager,onnxruntime]
 
 Two tables from one run, one thread, batch 1. Each step form is compared with the offline clip run
 the same way (cocompile.bench): the eager `co.step` with `model(clip)`, the TorchScript artifact
@@ -69,7 +69,7 @@ EXAMPLES = {
     "oadtr": ("oadtr", {}),
     "audio_transformer": ("audio_transformer", {}),
 }
-RUNTIMES = tuple(bench.RUNTIMES)     # each a column group of both tables
+RUNTIMES = tuple(bench.RUNTIMES)     # each a column group of the tables (--runtimes picks some)
 
 
 @dataclass
@@ -262,11 +262,17 @@ def measure_apart(name: str, size: str, rounds: int, stream: int, machine: bench
         out = os.path.join(tmp, "row.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--in-process", "--only", name, "--size", size,
                "--rounds", str(rounds), "--stream", str(stream), "--json", out,
-               "--machine", f"{machine.flops},{machine.bandwidth}"]
+               "--machine", f"{machine.flops},{machine.bandwidth}", "--runtimes", ",".join(RUNTIMES)]
         if subprocess.run(cmd).returncode:
             raise SystemExit(f"measuring {name} failed (its error is above): {' '.join(cmd)}")
         with open(out) as f:
             return Row.from_json(json.load(f)[0])
+
+
+def _use_runtimes(names: list[str]) -> None:
+    """The runtimes this run times and its tables show (--runtimes)."""
+    global RUNTIMES
+    RUNTIMES = tuple(names)
 
 
 def main(argv=None) -> list[Row]:
@@ -283,6 +289,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--together", action="store_true",
                         help="measure the examples in this process with their clips and steps "
                              "interleaved in every round (to compare examples with each other)")
+    parser.add_argument("--runtimes", default=",".join(bench.RUNTIMES),
+                        help="comma-separated runtimes to time (default all: " + ",".join(bench.RUNTIMES) + ")")
     parser.add_argument("--json", metavar="FILE", help=argparse.SUPPRESS)   # a child's rows
     parser.add_argument("--machine", help=argparse.SUPPRESS)   # the parent's peak FLOP/s,bandwidth
     args = parser.parse_args(argv)
@@ -292,6 +300,10 @@ def main(argv=None) -> list[Row]:
         parser.error(f"unknown example(s) {', '.join(unknown)}; choose from {', '.join(EXAMPLES)}")
     if args.rounds < 1 or args.stream < 1:
         parser.error("--rounds and --stream take a positive number")
+    runtimes = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+    if not runtimes or set(runtimes) - set(bench.RUNTIMES):
+        parser.error(f"--runtimes {args.runtimes!r}: choose from {', '.join(bench.RUNTIMES)}")
+    _use_runtimes(runtimes)
     torch.set_num_threads(1)
     # the machine's peak and bandwidth, once per run (children get the parent's)
     machine = bench.Machine(*map(float, args.machine.split(","))) if args.machine else bench.measure_machine()
