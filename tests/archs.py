@@ -166,7 +166,10 @@ def layer(draw, ch, padded: bool):
         k = draw(st.integers(1, 3))
         s = draw(st.integers(1, k))
         p = draw(st.integers(0, k // 2)) if padded else 0
-        return [("pool", draw(st.booleans()), k, s, p, draw(st.booleans()), draw(st.booleans()))]
+        # ceil_mode's partial last window reads where the clip ends, like padding there: a model
+        # with it does not claim sliding-window exactness, so only padded specs draw it
+        ceil = draw(st.booleans()) if padded else False
+        return [("pool", draw(st.booleans()), k, s, p, draw(st.booleans()), ceil)]
     if kind == "up":
         return _up(draw, ch, padded)
     if kind == "unet":
