@@ -218,7 +218,7 @@ def calls(model, clip, co, chunks, runtimes, stream: int, folder: str, artifacts
         except Unavailable as err:
             why[rt.name] = str(err)
         form = rt.step(co, path, threads)
-        fns[f"{rt.name} step"] = Stepper(form.call, form.initial_state(batch_of(clip)),
+        fns[f"{rt.name} step"] = Stepper(form.call, form.initial_state(batch_of(clip, co)),
                                          [form.convert(c) for c in chunks], stream)
     return fns, why
 
@@ -236,9 +236,9 @@ def measure(model, clip, co, chunks, rounds: int, stream: int, folder: str, runt
                              why.get(rt.name, "")) for rt in runtimes}
 
 
-def batch_of(clip) -> int:
-    """Streams in a clip (the batch of its first input)."""
-    return torch.utils._pytree.tree_leaves(clip)[0].shape[0]
+def batch_of(clip, co) -> int:
+    """Streams in a clip of `co`'s inputs (the batch of its first input, on its batch axis)."""
+    return co.inputs.batch_size(co.inputs.leaves(clip))
 
 
 def chunks_of(co, clip) -> list:
@@ -268,7 +268,7 @@ def stream_drift(path: str, steps: int) -> str:
     from cocompile.runtime import Session
 
     sess = Session(path, threads=1)
-    x = np.random.default_rng(0).standard_normal((1, *sess.chunk_shape)).astype(sess.dtype)
+    x = np.random.default_rng(0).standard_normal(sess.batched_shape(1)).astype(sess.dtype)
 
     def timed(state):
         t0 = time.perf_counter()

@@ -1,4 +1,10 @@
-"""Capture: torch.export at the example clip length, in eval mode, with a dynamic batch axis."""
+"""Capture: torch.export at the example clip length, in eval mode, with a dynamic batch axis.
+
+The captured graph takes every input batch-first: an input whose batch axis the user put
+elsewhere (batch_dim, e.g. time-major (T, N, F) frames) is exported in the user's layout, then its
+placeholder takes the batch-first layout and a permute back to the user's layout feeds the model's
+ops. Outputs stay in the model's own layout; `Captured.out_batch_dims` says where each one's
+batch axis is."""
 from __future__ import annotations
 
 import inspect
@@ -22,6 +28,7 @@ class Captured:
     input_names: list[str]        # placeholders of the model's inputs, in pytree order
     out_spec: pytree.TreeSpec     # structure of model(clip)
     dynamic_batch: bool
+    out_batch_dims: list          # per output leaf: its batch axis, None where it has none
 
     @property
     def input_name(self) -> str:
@@ -48,7 +55,7 @@ def capture(model, example, inputs, decompose: bool = False) -> Captured:
         pass
     try:
         with shapes_only():             # RNNs' fake values from shapes, not frame by frame
-            ep, dynamic = _export(model, inputs.args(example))
+            ep, dynamic = _export(model, inputs.args(example), [s.batch_dim for s in inputs.specs])
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -57,7 +64,6 @@ def capture(model, example, inputs, decompose: bool = False) -> Captured:
     _drop_eval_dropout(ep.graph_module.graph)
     _explicit_squeeze(ep.graph_module.graph)
     ep.graph_module.graph.eliminate_dead_code()     # e.g. unused max-pool indices
-    ep.graph_module.recompile()
     sig = ep.graph_signature
     consts, user = {}, []
     for spec in sig.input_specs:
@@ -67,7 +73,44 @@ def capture(model, example, inputs, decompose: bool = False) -> Captured:
             consts[spec.arg.name] = ep.state_dict[spec.target]
         else:
             consts[spec.arg.name] = ep.constants[spec.target]
-    return Captured(ep.graph_module, consts, user, ep.call_spec.out_spec, dynamic)
+    _batch_first_inputs(ep.graph_module.graph, user, [s.batch_dim for s in inputs.specs])
+    ep.graph_module.recompile()
+    outs = _output_batch_dims(ep.graph_module.graph, user)
+    return Captured(ep.graph_module, consts, user, ep.call_spec.out_spec, dynamic, outs)
+
+
+def _batch_first_inputs(graph: fx.Graph, names: list[str], batch_dims: list[int]) -> None:
+    """Each input placeholder whose batch axis is b != 0 takes x.movedim(b, 0) instead, and a
+    permute (the inverse move) gives the model's ops the layout they were captured with."""
+    nodes = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    for name, b in zip(names, batch_dims):
+        node = nodes[name]
+        if b == 0 or not node.users:
+            continue
+        val = node.meta["val"]
+        order = [*range(1, b + 1), 0, *range(b + 1, val.dim())]    # batch-first -> user layout
+        with graph.inserting_after(node):
+            back = graph.call_function(torch.ops.aten.permute.default, (node, order))
+        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        back.meta.update(val=val, stack_trace=node.meta.get("stack_trace"))
+        node.meta["val"] = val.movedim(b, 0)
+
+
+def _output_batch_dims(graph: fx.Graph, names: list[str]) -> list:
+    """Per output leaf, the axis that holds the batch: the axis whose size is the batch symbol
+    (the first such); None for an output without one (batch merged with another axis, reduced
+    away, or not depending on the inputs). With a fixed batch: the first axis of its size."""
+    first = next(n for n in graph.nodes if n.op == "placeholder" and n.name == names[0])
+    batch = first.meta["val"].shape[0]
+    key = batch.node.expr if isinstance(batch, torch.SymInt) else batch
+    output = next(n for n in graph.nodes if n.op == "output")
+    dims = []
+    for arg in pytree.tree_leaves(output.args[0]):
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+        sizes = [s.node.expr if isinstance(s, torch.SymInt) else s
+                 for s in (val.shape if isinstance(val, torch.Tensor) else ())]
+        dims.append(next((d for d, s in enumerate(sizes) if s == key), None))
+    return dims
 
 
 _DROPOUTS = {getattr(torch.ops.aten, name).default for name in (
@@ -95,38 +138,43 @@ def _explicit_squeeze(graph: fx.Graph) -> None:
             node.args = (node.args[0], [d for d, s in enumerate(shape) if isinstance(s, int) and s == 1])
 
 
-def _export(model, args: tuple):
-    """torch.export on `args` with the batch axis (axis 0 of every input) dynamic; a batch of one
-    is widened to two so that export does not specialise it. Falls back to a fixed batch."""
-    wide = pytree.tree_map(lambda t: t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone(), args)
+def _export(model, args: tuple, batch_dims: list[int]):
+    """torch.export on `args` with the batch axis (`batch_dims`, per input leaf) dynamic; a batch
+    of one is widened to two so that export does not specialise it. Falls back to a fixed batch."""
+    leaves, tree = pytree.tree_flatten(args)
+    wide = pytree.tree_unflatten([_widened(t, b) for t, b in zip(leaves, batch_dims)], tree)
     batch = Dim("batch")
+    dims = pytree.tree_unflatten([{b: batch} for b in batch_dims], tree)
     try:
         with warnings.catch_warnings():     # RNNs cache their weights as attributes during export
             warnings.filterwarnings("ignore", message=".*were assigned during export")
-            return export(model, wide, dynamic_shapes=_batch_dims(model, args, batch)), True
+            return export(model, wide, dynamic_shapes=_by_parameter(model, dims)), True
     except Exception as dyn_err:  # noqa: BLE001 - retry with a fixed batch, report the first reason
         try:
             ep = export(model, args)
         except Exception as err:  # noqa: BLE001
             raise _capture_error(err, args) from None
         warnings.warn("the batch size is fixed to the example's "
-                      f"({_batch(args)}): {str(dyn_err).strip().splitlines()[0]}", stacklevel=3)
+                      f"({leaves[0].shape[batch_dims[0]]}): {str(dyn_err).strip().splitlines()[0]}",
+                      stacklevel=3)
         return ep, False
 
 
-def _batch_dims(model, args: tuple, batch):
-    """dynamic_shapes with axis 0 of every input the batch, in the structure of forward()'s
-    parameters (a *args parameter takes one entry for all it collects)."""
-    dims = pytree.tree_map(lambda t: {0: batch}, args)
+def _widened(t: torch.Tensor, b: int) -> torch.Tensor:
+    """`t` with a batch (axis b) of 2 if it has 1."""
+    if t.shape[b] > 1:
+        return t
+    return t.expand(*t.shape[:b], 2, *t.shape[b + 1:]).clone()
+
+
+def _by_parameter(model, dims: tuple):
+    """dynamic_shapes `dims` (one per argument) in the structure of forward()'s parameters (a
+    *args parameter takes one entry for all it collects)."""
     try:
         bound = inspect.signature(model.forward).bind(*dims)
     except (TypeError, ValueError, AttributeError):
         return dims
     return dict(bound.arguments)
-
-
-def _batch(args) -> int:
-    return pytree.tree_leaves(args)[0].shape[0]
 
 
 def _capture_error(err: Exception, args) -> CompileError:

@@ -1,7 +1,8 @@
 """The `cocompile` command (docs/design.md, "CLI"). Exit codes: 0 ok, 1 verification failed,
 2 usage/input error.
 
-    cocompile MODEL --out co_model.onnx [--input-shape 1,3,16,112,112] [--time-dim 2] [--step-frames C]
+    cocompile MODEL --out co_model.onnx [--input-shape 1,3,16,112,112] [--time-dim 2] [--batch-dim 0]
+                                        [--step-frames C]
                                         [--approximate] [--no-verify] [--trust-pickle] [--weights FILE]
                                         [--quantize int8 [--calibration N|CLIPS.pt]]
     cocompile inspect MODEL             per-layer table: window, lag, receptive field, state, FLOPs
@@ -83,6 +84,8 @@ CLI_SPELLING = (
     (re.compile(r"\bverify=False\b"), "--no-verify"),
     (re.compile(r"\btime_dim=(-?\d+)"), r"--time-dim \1"),
     (re.compile(r"\btime_dim=?"), "--time-dim"),
+    (re.compile(r"\bbatch_dim=(-?\d+)"), r"--batch-dim \1"),
+    (re.compile(r"\bbatch_dim=?"), "--batch-dim"),
     (re.compile(r"\bstep_frames=(\d+)"), r"--step-frames \1"),
     (re.compile(r"\bstep_frames\b"), "--step-frames"),
 )
@@ -140,11 +143,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--fps", type=float, default=30.0,
                        help="--streams: frames per second of each stream (default 30)")
     p.add_argument("--input-shape", action="append",
-                   help="example input shape, e.g. 1,3,16,112,112 (batch first); once per model "
-                        "input for a model of several inputs (passed as positional arguments)")
+                   help="example input shape in the model's layout, e.g. 1,3,16,112,112 (the "
+                        "batch on --batch-dim); once per model input for a model of several inputs "
+                        "(passed as positional arguments)")
     p.add_argument("--time-dim", type=parse_time_dim, default=None,
                    help="axis of the frames (default 2); for several inputs one per input, "
                         "'none' for an input without time, e.g. 2,none")
+    p.add_argument("--batch-dim", type=parse_batch_dim, default=None,
+                   help="axis of the streams (default 0), e.g. 1 with --time-dim 0 for time-major "
+                        "(T, N, F) inputs; for several inputs one per input, e.g. 1,0. Chunks, "
+                        "outputs and the artifact keep this layout")
     p.add_argument("--step-frames", type=int, default=None, help="frames per step (default: smallest)")
     p.add_argument("--approximate", action="store_true", help="allow causal approximations")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs its code)")
@@ -205,6 +213,21 @@ def parse_time_dim(text: str):
     return dims[0] if len(dims) == 1 else dims
 
 
+def parse_batch_dim(text: str):
+    """'1' -> 1; '1,0' -> (1, 0): one batch axis for every input, or one per input (side inputs
+    have one too).
+
+    >>> parse_batch_dim("1,0")
+    (1, 0)
+    """
+    try:
+        dims = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an axis or a list of axes like 1,0 "
+                                         "(every input has a batch axis)") from None
+    return dims[0] if len(dims) == 1 else dims
+
+
 def _example(args, loaded, shape: tuple | None = None):
     """The example clip: --input-shape (a tensor, or a tuple of them given several), else random
     inputs of the shapes the model source (or artifact) carries; side inputs that are not floating
@@ -237,7 +260,7 @@ def _positional_params(model) -> int | None:
 
 
 def _compile(args, time_dim: int | None = None, step_frames: int | None = None, shape=None,
-             timings: dict | None = None, verify: bool = True):
+             timings: dict | None = None, verify: bool = True, batch_dim=None):
     """Load MODEL and compile it; returns (model, example clip, continual model). `timings`, if
     given, receives the seconds cocompile.compile took under "compile"; `verify=False` where the
     command checks E1 itself (and reports a failure with exit code 1)."""
@@ -245,10 +268,11 @@ def _compile(args, time_dim: int | None = None, step_frames: int | None = None, 
         loaded = load_model(args.model, trust_pickle=args.trust_pickle, weights=args.weights)
     clip = _example(args, loaded, shape)
     td = next(d for d in (args.time_dim, time_dim, loaded.time_dim, 2) if d is not None)
+    bd = next(d for d in (args.batch_dim, batch_dim, loaded.batch_dim, 0) if d is not None)
     t0 = time.perf_counter()
     try:
         with phase("compiling"), _quiet_warnings():
-            co = cocompile.compile(loaded.model, clip, time_dim=td, approximate=args.approximate,
+            co = cocompile.compile(loaded.model, clip, time_dim=td, batch_dim=bd, approximate=args.approximate,
                                    step_frames=args.step_frames or step_frames, verify=verify)
     except CompileError as err:
         if err.op is not None:                        # an op rule refused: the example ran
@@ -273,7 +297,7 @@ def _example_mismatch(args, model, clip, shape) -> InputError | None:
               "from the artifact's metadata" if shape is not None else f"that {args.model} carries")
     return InputError(f"the model does not run on the example input of shape {_shapes(clip)} "
                       f"{origin}: {reason}; --input-shape sets the example's shape (batch first, "
-                      "e.g. the channels the model's first layer expects)")
+                      "e.g. the channels the model's first layer expects, the batch on --batch-dim)")
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -339,12 +363,14 @@ def cmd_verify(args) -> int:
     art = load_artifact(args.artifact)
     meta = art.meta
     x = meta["inputs"][0]
-    shape = [1, *x["shape"][1:]]
+    shape = list(x["shape"])
+    shape[x.get("batch_axis", 0)] = 1
     shape[x["time_axis"]] = meta["clip_length"]
-    dims = [i["time_axis"] for i in meta["inputs"]]
-    dims = dims[0] if len(dims) == 1 else torch.utils._pytree.tree_unflatten(
-        dims, torch.utils._pytree.treespec_loads(meta["input_structure"]))
-    loaded, clip, co = _compile(args, dims, meta["step_frames"], tuple(shape), verify=False)
+    dims, batches = ([i[key] for i in meta["inputs"]] for key in ("time_axis", "batch_axis"))
+    dims, batches = (d[0] if len(d) == 1 else torch.utils._pytree.tree_unflatten(
+        d, torch.utils._pytree.treespec_loads(meta["input_structure"])) for d in (dims, batches))
+    loaded, clip, co = _compile(args, dims, meta["step_frames"], tuple(shape), verify=False,
+                                batch_dim=batches)
     names = [s["name"] for s in meta["states"]]
     if names != [s.name for s in co.specs]:
         print(f"FAILED: {args.artifact} was not compiled from this model with these options "
@@ -385,16 +411,16 @@ def cmd_bench(args) -> int:
     chunks = bench.chunks_of(co, clip)
     with torch.no_grad():
         t0 = time.perf_counter()
-        co.step(chunks[0], co.initial_state(bench.batch_of(clip)))   # traces the step graph
+        co.step(chunks[0], co.initial_state(bench.batch_of(clip, co)))   # traces the step graph
         t_first = time.perf_counter() - t0
     print(f"compile {timings['compile']:.2f} s   first step {t_first:.2f} s (traces the step graph "
-          f"for batch {bench.batch_of(clip)}; later steps reuse it)", flush=True)
+          f"for batch {bench.batch_of(clip, co)}; later steps reuse it)", flush=True)
     runtimes = [bench.RUNTIMES["eager"]] if args.eager_only else list(bench.RUNTIMES.values())
     rounds = min(20, max(3, args.steps // 10))
     stream = -(-args.steps // rounds)                 # --steps timed steps per runtime in all
     given = {"onnxruntime": args.artifact} if args.artifact else None
     with phase("measuring this machine's peak FLOP/s and bandwidth, and the step's roofline"):
-        bound = bench.roofline(co, bench.measure_machine(), bench.batch_of(clip))
+        bound = bench.roofline(co, bench.measure_machine(), bench.batch_of(clip, co))
     print(bound, flush=True)
     with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing clip and step"):
         latency = bench.measure(model, clip, co, chunks, rounds, stream, tmp, runtimes, given)
@@ -441,9 +467,12 @@ def _in_dtype(args, model, clip, co, folder):
     dtype = getattr(torch, args.dtype)
     model = copy.deepcopy(model).to(dtype)
     clip = torch.utils._pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, clip)
-    low = cocompile.compile(model, clip, time_dim=co.time_dim if co.inputs.single else
-                            [s.time_dim for s in co.inputs.specs], approximate=args.approximate,
-                            step_frames=co.step_frames)
+    single = co.inputs.single
+    low = cocompile.compile(model, clip, time_dim=co.time_dim if single else
+                            co.inputs.unflatten([s.time_dim for s in co.inputs.specs]),
+                            batch_dim=co.batch_dim if single else
+                            co.inputs.unflatten([s.batch_dim for s in co.inputs.specs]),
+                            approximate=args.approximate, step_frames=co.step_frames)
     runtimes, written = [], {}
     for rt in ([bench.RUNTIMES["eager"]] if args.eager_only else bench.RUNTIMES.values()):
         try:
@@ -492,7 +521,7 @@ def bench_dtype_table(dtype: str, co, clip, runtimes, seconds: dict, why: dict, 
     """Per runtime: clip and step in the dtype, their ratio, and the float32 step beside."""
     ideal = co.clip_length / co.step_frames
     lines = [f"{dtype}: clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')} "
-             f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip)}; each {dtype} step "
+             f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip, co)}; each {dtype} step "
              f"against the {dtype} clip in the same runtime, and against that runtime's float32 step; "
              f"medians of {plural(rounds, 'interleaved round')} ({plural(stream, 'step')} in a row)",
              f"{'runtime':<18}{'clip ms':>10}{'step ms':>10}  {'clip / step (of ideal)':<24}"
@@ -534,7 +563,7 @@ def bench_table(co, clip, latency: dict, rounds: int, stream: int, bound=None) -
     (cocompile.bench.Roofline), each step's time over it."""
     ideal = co.clip_length / co.step_frames
     lines = [f"clip {plural(co.clip_length, 'frame')}, step {plural(co.step_frames, 'frame')} "
-             f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip)}; each step against the "
+             f"(ideal speedup {ideal:g}x); 1 thread, batch {bench.batch_of(clip, co)}; each step against the "
              f"clip in the same runtime, medians of {plural(rounds, 'interleaved round')} (each: "
              f"the clip once, then {plural(stream, 'step')} in a row)",
              f"{'runtime':<14}{'clip ms':>12}{'step ms':>12}  {'clip / step (of ideal)':<24}step / roofline"]
@@ -581,9 +610,11 @@ def _inputs(co, clip) -> str:
     """`(1, 8, 32) float32, time axis 2`; per input for several (name, shape, rate or `side`)."""
     leaves = co.inputs.leaves(clip)
     if co.inputs.single:
-        return f"{tuple(leaves[0].shape)} {str(leaves[0].dtype).removeprefix('torch.')}, time axis {co.time_dim}"
+        return (f"{tuple(leaves[0].shape)} {str(leaves[0].dtype).removeprefix('torch.')}, time axis "
+                f"{co.time_dim}" + (f", batch axis {co.batch_dim}" if co.batch_dim else ""))
     return "; ".join(f"{s.name} {tuple(t.shape)} " + (f"time axis {s.time_dim} at rate {s.rate}"
                                                      if s.is_time else "side input")
+                     + (f", batch axis {s.batch_dim}" if s.batch_dim else "")
                      for s, t in zip(co.inputs.specs, leaves))
 
 
@@ -605,7 +636,7 @@ def flops(co, model, clip) -> tuple[int, int]:
     leaves = co.inputs.leaves(clip)
     chunk = co.inputs.window(leaves, 0, co.step_frames)
     with torch.no_grad(), FlopCounterMode(display=False) as step:
-        co.program(*chunk, *co.initial_state(leaves[0].shape[0]))
+        co.program(*chunk, *co.initial_state(co.inputs.batch_size(leaves)))
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)   # fused encoder kernels are not counted
     try:

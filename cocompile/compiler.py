@@ -30,14 +30,16 @@ from .timeinfo import META
 from .verify import check_clip
 
 
-def compile(model: torch.nn.Module, example_input, time_dim=2,
+def compile(model: torch.nn.Module, example_input, time_dim=2, batch_dim=0,
             step_frames: int | None = None, approximate: bool = False,
             trace: bool = True, verify: bool = True) -> ContinualModel:
     """Compile an offline clip model into a continual model that reads frames as they arrive.
 
     `example_input` is the clip (a tensor), a tuple of positional inputs, or any pytree of tensors
     the model takes (`[slow, fast]`); `time_dim` is one axis for all, or the same structure with
-    None for side inputs that carry no time (see cocompile.inputs).
+    None for side inputs that carry no time (see cocompile.inputs). `batch_dim` is each input's
+    batch axis the same way (default 0): time-major (T, N, F) frames take time_dim=0, batch_dim=1,
+    and the continual model's chunks, outputs and artifacts keep that layout.
     With trace=True the first step of each batch size traces the step into a plain ATen graph
     (about as long as one interpreted step of a large model) that later steps run; trace=False
     keeps running the graph interpreter (slower per step). Artifacts trace on export either way.
@@ -48,7 +50,7 @@ def compile(model: torch.nn.Module, example_input, time_dim=2,
     >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 64, 64), time_dim=2)
     >>> torch.testing.assert_close(co.forward_steps(clip), model(clip))
     """
-    inputs = Inputs.describe(model, example_input, time_dim)
+    inputs = Inputs.describe(model, example_input, time_dim, batch_dim)
     try:
         co = _compile(model, example_input, inputs, step_frames, approximate, trace, False)
     except CompileError as err:
@@ -93,7 +95,7 @@ def _analyser(model, example_input, inputs: Inputs, approximate, decompose, cap)
     """TimeAnalysis of the captured graph, made with a shape probe (a second capture at twice the
     clip length) when the example clip leaves some value's time axis in doubt."""
     T = inputs.clip_length
-    by_name = dict(zip(cap.input_names, inputs.specs))
+    by_name = dict(zip(cap.input_names, (s.batch_first() for s in inputs.specs)))  # the graph's layout
 
     def analysis(probe=None):
         return TimeAnalysis(cap.gm, by_name, T, approximate, cap.consts, probe=probe)
@@ -151,10 +153,12 @@ def _compile(model, example_input, inputs, step_frames, approximate, trace, deco
     # state: one named buffer per temporal window, delay and clip window, plus the frame counter
     specs = assign_states(cap.gm, an)
     # step program: the graph run per chunk by the step rules; traced per batch size on first use
-    program = StepProgram(cap.gm, cap.consts, cap.input_names, specs, c, T)
+    program = StepProgram(cap.gm, cap.consts, cap.input_names, specs, c, T,
+                          [s.batch_dim for s in inputs.specs])
     step_fn = TracedStep(program) if trace else program
     out_infos = list(next(n for n in cap.gm.graph.nodes if n.op == "output").meta[META])
-    return ContinualModel(program, step_fn, cap.out_spec, out_infos, inputs, example_input, approximate)
+    return ContinualModel(program, step_fn, cap.out_spec, out_infos, inputs, example_input, approximate,
+                          cap.out_batch_dims)
 
 
 def _step_frames(gm, wanted: int | None, clip_length: int) -> int:

@@ -2,7 +2,8 @@
 "Artifacts").
 
 Every format holds the same function, `step(x, *state) -> (*outputs, *next_state)`, with the batch
-axis dynamic on every input and output (states too), and the JSON of `cocompile.metadata`:
+axis dynamic on every input and output (states too; each input's at its batch_dim, each output's
+where the model has it, states' at 0), and the JSON of `cocompile.metadata`:
 
     .onnx   torch.onnx.export(dynamo=True), renamed and cleaned with onnx-graphsurgeon; metadata in
             metadata_props["cocompile"]; passes onnx.checker full_check; runs in onnxruntime
@@ -103,7 +104,7 @@ def _export_program(co) -> torch.export.ExportedProgram:
     fixed = md.compiled_batch(co)
     args = example_args(co, fixed or 2)
     batch = Dim("batch")
-    dynamic = None if fixed else (tuple({0: batch} for _ in args),)     # forward(*args): one entry
+    dynamic = None if fixed else (tuple({b: batch} for b in arg_batch_dims(co)),)  # forward(*args)
     if fixed:
         warnings.warn(f"the model pins the batch size to {fixed}, so the artifact serves exactly "
                       f"{fixed} stream(s) per call", stacklevel=3)
@@ -111,6 +112,16 @@ def _export_program(co) -> torch.export.ExportedProgram:
         return torch.export.export(ExplicitStep(co.program), args, dynamic_shapes=dynamic)
     except Exception as err:  # noqa: BLE001 - report torch's first line
         raise CompileError(f"torch.export could not trace the step: {_first_line(err)}") from None
+
+
+def arg_batch_dims(co) -> list[int]:
+    """The batch axis of each argument of the step: the inputs' batch_dim, then 0 per state."""
+    return [s.batch_dim for s in co.inputs.specs] + [0] * len(co.specs)
+
+
+def result_batch_dims(co) -> list[int | None]:
+    """The batch axis of each result of the step: the outputs' (None: none), then 0 per state."""
+    return list(co.out_batch_dims) + [0] * len(co.specs)
 
 
 # -- .pt2 ------------------------------------------------------------------------------------------
@@ -184,9 +195,9 @@ def finish_onnx(model, co):
 
     graph = gs.import_onnx(model)
     batch = md.compiled_batch(co) or "batch"
-    _name_all(graph.inputs, md.input_names(co), batch)
+    _name_all(graph.inputs, md.input_names(co), batch, arg_batch_dims(co))
     graph.outputs = _distinct_outputs(graph)
-    _name_all(graph.outputs, md.all_output_names(co), batch)
+    _name_all(graph.outputs, md.all_output_names(co), batch, result_batch_dims(co))
     _widen_window_attrs(graph)
     graph.cleanup().toposort()
     graph = sink_transposes(graph)
@@ -200,14 +211,15 @@ def finish_onnx(model, co):
     return out
 
 
-def _name_all(tensors, names: list[str], batch) -> None:
+def _name_all(tensors, names: list[str], batch, axes: list[int | None]) -> None:
+    """Names the graph's inputs or outputs; `batch` on each one's batch axis (`axes`)."""
     if len(tensors) != len(names):
         raise CompileError(f"internal error: the ONNX graph has {len(tensors)} inputs/outputs, "
                            f"expected {len(names)} ({names[:3]}...)")
-    for tensor, name in zip(tensors, names):
+    for tensor, name, axis in zip(tensors, names, axes):
         tensor.name = name
-        if tensor.shape:
-            tensor.shape[0] = batch
+        if tensor.shape and axis is not None:
+            tensor.shape[axis] = batch
 
 
 def _widen_window_attrs(graph) -> None:

@@ -3,7 +3,11 @@
 `example_input` is one tensor, a tuple of positional inputs, or any pytree of tensors the model
 takes (a list `[slow, fast]`); `time_dim` is an int for every input or the same structure with
 None for side inputs (sequence lengths, an embedding, a mask: constant along time, passed with
-every step). Each time input's rate is its clip length over the longest one's (a Slow pathway of
+every step). `batch_dim` names each input's batch axis the same way (an int for every input, or
+the same structure; side inputs have one too), 0 by default: time-major (T, N, F) frames take
+time_dim=0, batch_dim=1. Specs describe the inputs in the user's layout; `batch_first()` gives
+the layout the captured graph takes (each batch axis moved to 0, the other axes in order).
+Each time input's rate is its clip length over the longest one's (a Slow pathway of
 4 frames beside a Fast one of 16: rate 1/4); a step brings `step_frames` frames of the fastest
 input and each slower input's share of them.
 
@@ -13,6 +17,7 @@ input and each slower input's share of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -26,7 +31,8 @@ from .errors import CompileError
 @dataclass(frozen=True)
 class InputSpec:
     """One input tensor: name, time axis (None: side input), frames in the example clip, rate
-    (frames per frame of the fastest input), example shape without the batch axis, dtype."""
+    (frames per frame of the fastest input), example shape without the batch axis, dtype, and
+    the batch axis. Axes count in the user's layout, the batch axis included."""
 
     name: str
     time_dim: int | None
@@ -34,6 +40,7 @@ class InputSpec:
     rate: sympy.Rational
     shape: tuple
     dtype: torch.dtype
+    batch_dim: int = 0
 
     @property
     def is_time(self) -> bool:
@@ -45,14 +52,24 @@ class InputSpec:
 
     def chunk_shape(self, batch, fastest: int) -> list:
         """Shape of a chunk of `fastest` frames (of the fastest input), or of a side input."""
-        shape = [batch, *self.shape]
+        shape = list(self.shape)
+        shape.insert(self.batch_dim, batch)
         if self.is_time:
             shape[self.time_dim] = self.frames(fastest)
         return shape
 
     def frame_shape(self) -> tuple:
-        """One frame (time and batch axes left out); a side input's whole shape."""
-        return tuple(s for i, s in enumerate(self.shape, 1) if i != self.time_dim)
+        """One frame (time and batch axes left out); a side input's shape without the batch."""
+        return tuple(s for i, s in enumerate(self.chunk_shape(None, 0))
+                     if i not in (self.time_dim, self.batch_dim))
+
+    def batch_first(self) -> "InputSpec":
+        """This input with its batch axis moved to 0 (x.movedim(batch_dim, 0)), the layout the
+        captured graph takes; `shape` is unchanged (the other axes keep their order)."""
+        if not self.is_time:
+            return dataclasses.replace(self, batch_dim=0)
+        return dataclasses.replace(self, time_dim=self.time_dim + (self.time_dim < self.batch_dim),
+                                   batch_dim=0)
 
 
 @dataclass(frozen=True)
@@ -64,32 +81,31 @@ class Inputs:
     positional: bool               # example_input was a tuple of positional arguments
 
     @classmethod
-    def describe(cls, model, example, time_dim) -> "Inputs":
+    def describe(cls, model, example, time_dim, batch_dim=0) -> "Inputs":
         """Check and describe `example` (see the module docstring); CompileError with the fix."""
         leaves, tree = pytree.tree_flatten(example)
         _check_leaves(example, leaves)
-        dims = pytree._broadcast_to_and_flatten(time_dim, tree)
-        if dims is None or len(dims) != len(leaves):
-            raise CompileError(f"time_dim={time_dim!r} does not match the structure of example_input "
-                               f"({tree_text(example)})",
-                               hint="pass one int for every input, or the same structure as "
-                                    "example_input with None for inputs that carry no time")
-        dims = [_time_axis(t, d, name) for t, d, name in zip(leaves, dims, _names(model, example))]
+        names = _names(model, example)
+        batches = [_batch_axis(t, b, name) for t, b, name in
+                   zip(leaves, _per_leaf(batch_dim, "batch_dim", example, tree), names)]
+        dims = [_time_axis(t, d, name, b) for t, d, name, b in
+                zip(leaves, _per_leaf(time_dim, "time_dim", example, tree), names, batches)]
         lengths = [t.shape[d] for t, d in zip(leaves, dims) if d is not None]
         if not lengths:
             raise CompileError("no input carries time (every time_dim is None)",
                                hint="give the axis that indexes frames of at least one input")
         longest = max(lengths)
         specs = []
-        for t, d, name in zip(leaves, dims, _names(model, example)):
+        for t, d, name, b in zip(leaves, dims, names, batches):
             n = t.shape[d] if d is not None else 0
             if d is not None and longest % n:
                 raise CompileError(f"input {name} has {n} frames and the longest input {longest}: not "
                                    "an integer rate (every input must have 1/k of the longest's frames)",
                                    hint=f"give {name} a divisor of {longest} frames, e.g. "
                                         f"{_divisor_near(longest, n)}")
+            shape = tuple(s for i, s in enumerate(t.shape) if i != b)
             specs.append(InputSpec(name, d, n, sympy.Rational(n, longest) if d is not None else
-                                   sympy.Integer(0), tuple(t.shape[1:]), t.dtype))
+                                   sympy.Integer(0), shape, t.dtype, b))
         return cls(tuple(specs), tree, isinstance(example, tuple))
 
     # -- the structure ------------------------------------------------------------------------------
@@ -105,6 +121,10 @@ class Inputs:
     @property
     def single(self) -> bool:
         return len(self.specs) == 1 and self.tree.num_leaves == 1 and not self.positional
+
+    def batch_size(self, leaves: list) -> int:
+        """Streams in `leaves` (inputs of example_input's structure): the first one's batch axis."""
+        return leaves[0].shape[self.specs[0].batch_dim]
 
     def args(self, value) -> tuple:
         """The positional arguments model(*args) takes for a value of example_input's structure."""
@@ -158,17 +178,45 @@ def _check_leaves(example, leaves) -> None:
                                 "inputs the model takes")
 
 
-def _time_axis(t: torch.Tensor, d, name: str) -> int | None:
+def _per_leaf(dims, what: str, example, tree) -> list:
+    """`dims` (one value, or example_input's structure) as one value per input leaf."""
+    flat = pytree._broadcast_to_and_flatten(dims, tree)
+    if flat is None or len(flat) != tree.num_leaves:
+        side = " with None for inputs that carry no time" if what == "time_dim" else \
+            " (side inputs have a batch axis too)"
+        raise CompileError(f"{what}={dims!r} does not match the structure of example_input "
+                           f"({tree_text(example)})",
+                           hint=f"pass one int for every input, or the same structure as example_input{side}")
+    return flat
+
+
+def _batch_axis(t: torch.Tensor, b, name: str) -> int:
+    if not isinstance(b, int) or isinstance(b, bool):
+        raise CompileError(f"batch_dim for input {name} is {b!r}, not an axis",
+                           hint="an int axis: the one that indexes independent streams (default 0)")
+    if not -t.dim() <= b < t.dim():
+        raise CompileError(f"batch_dim={b} is not an axis of input {name} of shape {tuple(t.shape)}",
+                           hint="pass batch_dim= the axis that indexes streams, e.g. 1 for "
+                                "time-major (T, N, F) frames")
+    return b % t.dim()
+
+
+def _time_axis(t: torch.Tensor, d, name: str, batch: int = 0) -> int | None:
     if d is None:
         return None
     if not isinstance(d, int) or isinstance(d, bool):
         raise CompileError(f"time_dim for input {name} is {d!r}, not an axis",
                            hint="an int axis, or None for an input without time")
     ndim = t.dim()
-    if not -ndim <= d < ndim or d % ndim == 0:
-        raise CompileError(f"time_dim={d} is not an axis of input {name} of shape {tuple(t.shape)} "
-                           "(axis 0 is the batch)",
+    if not -ndim <= d < ndim:
+        raise CompileError(f"time_dim={d} is not an axis of input {name} of shape {tuple(t.shape)}",
                            hint="pass time_dim= the axis that indexes frames, e.g. 2 for (N, C, T, H, W)")
+    if d % ndim == batch:
+        example = ("time_dim=0, batch_dim=1 for time-major (T, N, F) frames" if batch == 0 else
+                   "batch_dim=0 if the streams are on axis 0, or time_dim= another axis")
+        raise CompileError(f"time_dim={d} is not an axis of input {name} of shape {tuple(t.shape)} "
+                           f"that can carry time: it is the batch axis (batch_dim={batch})",
+                           hint=f"time and batch must be different axes: {example}")
     if not t.is_floating_point():
         raise CompileError(f"input {name} has dtype {t.dtype}; continual steps need floating point "
                            "frames", hint=f"pass {name}.float(), or time_dim None if it carries no time")

@@ -3,7 +3,8 @@
 MODEL (the CLI's first argument) is one of
   * a torch.export archive (`torch.export.save`, usually .pt2): loaded safely, carries its example input;
   * `pkg.module:factory`: the factory builds the model (it may also return `(model, example_input)`),
-    `--weights FILE` is a state dict loaded with weights_only=True;
+    `--weights FILE` is a state dict loaded with weights_only=True; the module may set TIME_DIM
+    and BATCH_DIM (the --time-dim / --batch-dim its model takes);
   * a pickled nn.Module (`torch.save(model)`): unpickling runs arbitrary code, so it is refused
     unless `--trust-pickle` is given;
   * a TorchScript archive: refused, with how to export the model instead.
@@ -42,6 +43,7 @@ class LoadedModel:
     example: object                  # example input (a tensor or a pytree), when the source carries one
     source: str                      # what was loaded, in words
     time_dim: object = None          # the source's time axis (a factory module's TIME_DIM), if it says
+    batch_dim: object = None         # the source's batch axis (a factory module's BATCH_DIM), if it says
 
 
 def load_model(spec: str, trust_pickle: bool = False, weights: str | None = None) -> LoadedModel:
@@ -170,7 +172,7 @@ def _from_factory(spec: str, weights: str | None) -> LoadedModel:
     if weights:
         _load_weights(model, weights)
     return LoadedModel(model, example, f"factory {spec}" + (f" with weights {weights}" if weights else ""),
-                       getattr(module, "TIME_DIM", None))
+                       getattr(module, "TIME_DIM", None), getattr(module, "BATCH_DIM", None))
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:

@@ -21,6 +21,11 @@ Validity rule (the same one `ContinualModel` and `cocompile.runtime` apply):
 
 "batch" is null when the artifact serves any number of streams at once (the usual case), or the
 one batch size it serves when the model pinned it (e.g. a reshape to a literal batch size).
+Shapes hold that value on the batch axis. Every input and output names its "batch_axis": where
+the streams are stacked (the user's batch_dim for inputs, e.g. 1 for time-major (T, N, F)
+frames; for outputs, where the model's output has it, e.g. 1 for an LSTM's (T, N, H) output or
+its h_n). An output's "batch_axis" is null when it has none (the batch reduced away or merged
+with another axis): it cannot be split into streams. States are batch-first.
 
 >>> meta = metadata(co)
 >>> meta["step_frames"], [s["name"] for s in meta["states"]][:2]
@@ -111,8 +116,11 @@ def _valid_from_step(info, step_frames: int) -> int:
     return 0
 
 
-def _output(name: str, info, shape, step_frames: int, batch: int | None) -> dict:
-    entry = {"name": name, "kind": info.kind, "shape": [batch, *shape[1:]],
+def _output(name: str, info, shape, step_frames: int, batch: int | None, axis: int | None) -> dict:
+    shape = list(shape)
+    if axis is not None:
+        shape[axis] = batch
+    entry = {"name": name, "kind": info.kind, "shape": shape, "batch_axis": axis,
              "exactness": _exactness(info), "delay": int(info.lag()),
              "valid_from_step": _valid_from_step(info, step_frames)}
     if info.kind == TIME:
@@ -139,7 +147,7 @@ def _input(spec, co, batch: int | None) -> dict:
     the fastest input) and frames per step, side inputs ("time_axis": null) passed whole."""
     dtype = co.dtype if spec.dtype.is_floating_point else spec.dtype
     entry = {"name": spec.name, "shape": spec.chunk_shape(batch, co.step_frames),
-             "dtype": dtype_name(dtype), "batch_axis": 0, "time_axis": spec.time_dim}
+             "dtype": dtype_name(dtype), "batch_axis": spec.batch_dim, "time_axis": spec.time_dim}
     if spec.is_time:
         entry.update(rate=str(spec.rate), rate_num=int(spec.rate.p), rate_den=int(spec.rate.q),
                      frames_per_step=spec.frames(co.step_frames), clip_frames=int(spec.length))
@@ -168,8 +176,8 @@ def metadata(co) -> dict:
     """The JSON-ready description of a ContinualModel's step (see the module docstring)."""
     batch = compiled_batch(co)
     shapes = _output_shapes(co, batch or 1)
-    outputs = [_output(n, i, s, co.step_frames, batch)
-               for n, i, s in zip(output_names(co), co.out_infos, shapes)]
+    outputs = [_output(n, i, s, co.step_frames, batch, b)
+               for n, i, s, b in zip(output_names(co), co.out_infos, shapes, co.out_batch_dims)]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "versions": {"cocompile": cocompile_version(), "torch": torch.__version__},

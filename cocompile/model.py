@@ -16,7 +16,10 @@ class ContinualModel(torch.nn.Module):
 
     Inputs come in the structure of the example input (a tensor, a tuple of positional inputs,
     a list such as `[slow, fast]`): per step, each time input brings its share of `step_frames`
-    frames of the fastest input, side inputs come whole (see cocompile.inputs).
+    frames of the fastest input, side inputs come whole (see cocompile.inputs). Every chunk keeps
+    the example's layout, its batch axis where `batch_dim` put it (a time-major input takes
+    (step_frames, N, F) chunks); outputs keep the model's own layout, output i's batch axis
+    `out_batch_dims[i]` (None: it has none, e.g. a value reduced over the batch).
 
     >>> co = cocompile.compile(model, torch.randn(1, 3, 16, 32, 32))
     >>> y = co.forward_steps(clip)                 # == model(clip)            (E1)
@@ -25,19 +28,21 @@ class ContinualModel(torch.nn.Module):
     """
 
     def __init__(self, program, step_fn, out_spec, out_infos: list[TimeInfo], inputs: Inputs,
-                 example, approximate: bool):
+                 example, approximate: bool, out_batch_dims: list | None = None):
         super().__init__()
         self.program, self._step_fn = program, step_fn
         self.out_spec, self.out_infos = out_spec, out_infos
+        self.out_batch_dims = list(out_batch_dims) if out_batch_dims is not None else [0] * len(out_infos)
         self.specs = program.specs
         self.step_frames, self.clip_length = program.step_frames, program.clip_length
         self.inputs = inputs
         main = next(s for s in inputs.specs if s.is_time and s.rate == 1)     # the fastest input
-        self.time_dim, self.frame_shape = main.time_dim, main.frame_shape()
+        self.time_dim, self.batch_dim, self.frame_shape = main.time_dim, main.batch_dim, main.frame_shape()
         leaves = inputs.leaves(example)
         self.dtype, self.device = main.dtype, leaves[0].device   # follow co.to(...), see _apply
         # side inputs' example values (one stream's), for exports and random test steps
-        self._sides = {s.name: t[:1].clone() for t, s in zip(leaves, inputs.specs) if not s.is_time}
+        self._sides = {s.name: t.narrow(s.batch_dim, 0, 1).clone()
+                       for t, s in zip(leaves, inputs.specs) if not s.is_time}
         self.approximate = any(i.approx for i in out_infos)
         # E2 holds exactly: no temporal zero padding, no recurrence over the whole stream
         self.exact_sliding = not any(i.padded or i.recurrent for i in out_infos)
@@ -92,7 +97,7 @@ class ContinualModel(torch.nn.Module):
         frames = self.step_frames if frames is None else frames
         return [torch.randn(s.chunk_shape(batch, frames), generator=generator)
                 .to(self.dtype).to(self.device) if s.is_time
-                else self._sides[s.name].expand(batch, *s.shape).clone()
+                else self._sides[s.name].expand(s.chunk_shape(batch, 0)).clone()
                 for s in self.inputs.specs]
 
     # -- artifacts -------------------------------------------------------------------------------------
@@ -165,7 +170,7 @@ class ContinualModel(torch.nn.Module):
         the last clip (None until enough frames were seen)."""
         leaves = self._leaves(x_chunk, exact=False)
         if self._state is None:
-            self._state = self.initial_state(leaves[0].shape[0])
+            self._state = self.initial_state(self.inputs.batch_size(leaves))
         pieces = []
         for chunk in self.inputs.steps(leaves, self.step_frames):
             before = self._frames_seen
@@ -184,7 +189,7 @@ class ContinualModel(torch.nn.Module):
             raise CompileError(f"flush reproduces the model on clips of the compiled length "
                                f"{self.clip_length}, got {frames} frames",
                                hint="pass flush=False to stream a longer input")
-        state, steps = self.initial_state(leaves[0].shape[0]), []
+        state, steps = self.initial_state(self.inputs.batch_size(leaves)), []
         with torch.no_grad():
             for chunk in self.inputs.steps(leaves, self.step_frames):
                 outs, state = self.step(self.inputs.unflatten(chunk), state)
@@ -223,9 +228,7 @@ class ContinualModel(torch.nn.Module):
 
     def _chunk_shape(self, batch, frames):
         """Shape of `frames` frames of the fastest input (the only input of most models)."""
-        shape = [batch, *self.frame_shape]
-        shape.insert(self.time_dim, frames)
-        return shape
+        return next(s for s in self.inputs.specs if s.is_time and s.rate == 1).chunk_shape(batch, frames)
 
     def _frames(self, leaves) -> int:
         """Frames of the fastest input that `leaves` (checked) hold."""
@@ -241,7 +244,8 @@ class ContinualModel(torch.nn.Module):
         else:
             leaves = self.inputs.leaves(x, "chunk")
         steps = {self._check_leaf(t, s, exact) for t, s in zip(leaves, self.inputs.specs)} - {None}
-        if len(steps) > 1 or len({t.shape[0] if t.dim() else 0 for t in leaves}) > 1:
+        batches = {t.shape[s.batch_dim] if t.dim() > s.batch_dim else 0 for t, s in zip(leaves, self.inputs.specs)}
+        if len(steps) > 1 or len(batches) > 1:
             shares = ", ".join(f"{s.frames(self.step_frames)} of {s.name}" for s in self.inputs.time)
             raise CompileError(f"the inputs of this chunk hold different numbers of steps ({shares} "
                                "frames make one step) or different batch sizes",
@@ -254,17 +258,21 @@ class ContinualModel(torch.nn.Module):
         name = "" if self.inputs.single else f" {spec.name}"
         if not isinstance(x, torch.Tensor):
             raise CompileError(f"input{name} must be a tensor, got {type(x).__name__}")
-        want, share = [x.shape[0] if x.dim() else 0, *spec.shape], spec.frames(self.step_frames)
+        share = spec.frames(self.step_frames)
+        want = spec.chunk_shape(x.shape[spec.batch_dim] if x.dim() > spec.batch_dim else 0, 0)
         t = x.shape[spec.time_dim] if spec.is_time and x.dim() > spec.time_dim else None
         if spec.is_time:
             want[spec.time_dim] = t
         if list(x.shape) != want or (spec.is_time and (t or 0) <= 0):
-            shown = list(want) if not spec.is_time else want[:spec.time_dim] + ["T"] + want[spec.time_dim + 1:]
+            shown = spec.chunk_shape("N", 0)
+            if spec.is_time:
+                shown[spec.time_dim] = "T"
             raise CompileError(f"chunk{name} of shape {tuple(x.shape)} does not fit "
                                f"{'frames' if spec.is_time else 'the side input'} of shape "
-                               f"{tuple(['N', *shown[1:]])}",
-                               hint=f"pass (N, ...) with {share} frame{'s' * (share != 1)} on axis "
-                                    f"{spec.time_dim}" if spec.is_time else "pass it as in the example")
+                               f"({', '.join(map(str, shown))})",
+                               hint=f"pass {share} frame{'s' * (share != 1)} on axis {spec.time_dim}, "
+                                    f"the streams on axis {spec.batch_dim}" if spec.is_time
+                                    else "pass it as in the example")
         dtype = self.dtype if spec.dtype.is_floating_point else spec.dtype
         if x.dtype != dtype:
             raise CompileError(f"chunk{name} dtype {x.dtype} differs from the compiled {dtype}",

@@ -166,7 +166,7 @@ class SteppingReader:
         co, state = self.co, None
         for clip in self.clips:
             leaves = [t.to(co.device) for t in co.inputs.leaves(clip, "calibration clip")]
-            state = co.initial_state(leaves[0].shape[0]) if state is None else state
+            state = co.initial_state(co.inputs.batch_size(leaves)) if state is None else state
             for chunk in co.inputs.steps(leaves, co.step_frames):
                 yield {n: t.detach().cpu().numpy() for n, t in zip(self.names, (*chunk, *state))}
                 with torch.no_grad():

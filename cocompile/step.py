@@ -88,15 +88,19 @@ class StepInterpreter(fx.Interpreter):
 class StepProgram(torch.nn.Module):
     """nn.Module form of one step, with the model's parameters as buffers:
     forward(*inputs, frames, *states) -> (*outputs, frames + step_frames, *next_states), one
-    input per model input leaf (time inputs with their frames of the step, side inputs whole)."""
+    input per model input leaf (time inputs with their frames of the step, side inputs whole),
+    each in the user's layout: input i has its batch axis at `batch_dims[i]` and is moved
+    batch-first for the graph (see cocompile.capture); states are batch-first; outputs keep the
+    model's own layout."""
 
     def __init__(self, gm: fx.GraphModule, consts: dict, input_names: list[str], specs: list[StateSpec],
-                 step_frames: int, clip_length: int):
+                 step_frames: int, clip_length: int, batch_dims: list[int] | None = None):
         super().__init__()
         self.gm, self.specs = gm, specs
         self.step_frames, self.clip_length = step_frames, clip_length
         self.order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.input_names = list(input_names)
+        self.batch_dims = list(batch_dims or [0] * len(self.input_names))
         self.portable = False          # see StepInterpreter; set while an ONNX artifact is written
         for name, t in consts.items():
             self.register_buffer(name, t.detach().clone(), persistent=True)
@@ -105,7 +109,13 @@ class StepProgram(torch.nn.Module):
     def input_name(self) -> str:
         return self.input_names[0]
 
+    def batch_of(self, args) -> int:
+        """Streams in (*inputs, ...): the first input's batch axis."""
+        return args[0].shape[self.batch_dims[0]]
+
     def _args(self, *xs):
+        """The graph's placeholders in order: the inputs batch-first, then the constants."""
+        xs = [x.movedim(b, 0) if b else x for x, b in zip(xs, self.batch_dims)]
         given = dict(zip(self.input_names, xs))
         return [given[name] if name in given else getattr(self, name) for name in self.order]
 
@@ -138,7 +148,7 @@ class TracedStep:
     interpreter runs, minus its per-node Python.
 
     >>> step = TracedStep(program)
-    >>> outs = step(x_chunk, *state)          # traces for x_chunk.shape[0] streams, then runs
+    >>> outs = step(x_chunk, *state)          # traces for x_chunk's batch of streams, then runs
     """
 
     def __init__(self, program: StepProgram):
@@ -156,7 +166,7 @@ class TracedStep:
         """The traced graph for arguments shaped like (*inputs, *state), or the interpreter if it
         cannot be traced (it computes the same step, only slower)."""
         n = len(self.program.input_names)
-        _check_state(self.program.specs, args[n:], args[0].shape[0])
+        _check_state(self.program.specs, args[n:], self.program.batch_of(args))
         # outer dispatch modes (e.g. a FLOP counter around co.step) must see the run, not the trace
         try:
             with _disable_current_modes(), torch.no_grad():

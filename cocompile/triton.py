@@ -5,6 +5,13 @@ and a START control input that zeroes the state at the start of a sequence.
     repo/NAME/config.pbtxt
     repo/NAME/1/model.onnx      the artifact with a START input; state.frames as [batch, 1]
 
+Triton batches requests along axis 0 of every input and output (max_batch_size > 0). An artifact
+whose inputs or outputs have their batch axis elsewhere (compiled with batch_dim, e.g.
+time-major (T, N, F) frames, or an LSTM's (T, N, H) output) gets a Transpose at the model's
+boundary, so the Triton model takes and returns them batch-first ((N, T, F): its config and
+metadata say so) and Triton's sequence batching works unchanged. An output without a batch axis
+cannot be batched and is refused.
+
 >>> write_repository("co_model.onnx", "triton_repo")      # then: tritonserver --model-repository triton_repo
 """
 from __future__ import annotations
@@ -14,6 +21,8 @@ import os
 
 import onnx
 from onnx import TensorProto, helper
+
+from .errors import CompileError
 
 START = "START"
 _TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT64: "TYPE_INT64", TensorProto.DOUBLE: "TYPE_FP64",
@@ -40,8 +49,9 @@ def _rank1_to_column(graph: onnx.GraphProto, name: str, is_input: bool) -> None:
             node.input[:] = [inner if i == name else i for i in node.input]
         graph.node.insert(0, helper.make_node("Reshape", [name, "cocompile.minus_one"], [inner]))
     else:
-        for node in graph.node:
+        for node in graph.node:         # the producer and any reader of the value
             node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
         graph.node.append(helper.make_node("Reshape", [inner, "cocompile.column"], [name]))
     value.type.tensor_type.shape.dim.add().dim_value = 1
 
@@ -60,11 +70,64 @@ def _zero_on_start(graph: onnx.GraphProto, name: str, rank: int, dtype: int) -> 
         graph.node.insert(0, n)
 
 
+def _batch_first_boundary(graph: onnx.GraphProto, meta: dict) -> None:
+    """Moves every model input's and output's batch axis to 0 at the graph's boundary (a
+    Transpose inside), and says so in `meta`; refuses an output without a batch axis."""
+    for entry in meta["outputs"]:
+        if entry.get("batch_axis", 0) is None:
+            raise CompileError(f"output {entry['name']} has no batch axis (the model reduces or merges "
+                               "its streams there), and Triton batches every output along axis 0",
+                               hint="return the output per stream (keep its batch axis), or serve "
+                                    "the ONNX artifact with cocompile.runtime.Session")
+    for entry, is_input in [(e, True) for e in meta["inputs"]] + [(e, False) for e in meta["outputs"]]:
+        b = entry.get("batch_axis", 0)
+        if b:
+            _move_batch(graph, entry["name"], b, is_input)
+            _batch_first_entry(entry, b)
+
+
+def _move_batch(graph: onnx.GraphProto, name: str, b: int, is_input: bool) -> None:
+    """Graph input `name` taken batch-first (a Transpose back to its layout inside), or graph
+    output `name` given batch-first (a Transpose after the value)."""
+    io = graph.input if is_input else graph.output
+    value = next(v for v in io if v.name == name)
+    dims = value.type.tensor_type.shape.dim
+    rank, inner = len(dims), f"{name}.with_batch_axis_{b}"
+    to_first = [b, *range(b), *range(b + 1, rank)]
+    moved = [onnx.TensorShapeProto.Dimension() for _ in range(rank)]
+    for i, axis in enumerate(to_first):
+        moved[i].CopyFrom(dims[axis])
+    del dims[:]
+    dims.extend(moved)
+    if is_input:
+        for node in graph.node:
+            node.input[:] = [inner if i == name else i for i in node.input]
+        back = [*range(1, b + 1), 0, *range(b + 1, rank)]
+        graph.node.insert(0, helper.make_node("Transpose", [name], [inner], perm=back))
+    else:
+        for node in graph.node:         # the producer and any reader of the value
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        graph.node.append(helper.make_node("Transpose", [inner], [name], perm=to_first))
+
+
+def _batch_first_entry(entry: dict, b: int) -> None:
+    """A metadata entry (input or output) whose batch axis `b` moved to 0."""
+    shape = entry["shape"]
+    entry["shape"] = [shape[b], *shape[:b], *shape[b + 1:]]
+    if entry.get("time_axis") is not None:
+        entry["time_axis"] += entry["time_axis"] < b
+    entry["batch_axis"] = 0
+
+
 def triton_model(artifact: str) -> tuple[onnx.ModelProto, dict]:
     """The artifact with a START control input and column-shaped per-stream scalars."""
     model = onnx.load(artifact)
     meta = json.loads({p.key: p.value for p in model.metadata_props}["cocompile"])
     g = model.graph
+    _batch_first_boundary(g, meta)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                         "cocompile": json.dumps(meta, indent=1)})
     g.initializer.extend([helper.make_tensor("cocompile.minus_one", TensorProto.INT64, [1], [-1]),
                           helper.make_tensor("cocompile.column", TensorProto.INT64, [2], [-1, 1]),
                           helper.make_tensor("cocompile.one", TensorProto.FLOAT, [], [1.0])])

@@ -249,7 +249,7 @@ def _sliding(model, co: ContinualModel, clip, steps, wide=None) -> list[Check]:
     first = max([T] + [co.out_infos[i].ready for i in clip_outs])
     first = -(-first // c) * c                         # whole steps
     stream = _continued(co, co.inputs.leaves(clip), first - T + steps * c)
-    state, errs = co.initial_state(stream[0].shape[0]), {i: (0.0, 0.0, 1.0) for i in clip_outs}
+    state, errs = co.initial_state(co.inputs.batch_size(stream)), {i: (0.0, 0.0, 1.0) for i in clip_outs}
     for k, chunk in enumerate(co.inputs.steps(stream, c)):
         outs, state = co.step(co.inputs.unflatten(chunk), state)
         end = (k + 1) * c

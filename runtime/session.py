@@ -4,7 +4,11 @@ numpy and onnxruntime only: nothing here (or anywhere in cocompile.runtime) impo
 
 >>> sess = Session("co_model.onnx")
 >>> state = sess.initial_state(batch=2)
->>> outputs, state = sess.step(x_chunk, state)      # x_chunk: (2, *sess.chunk_shape)
+>>> outputs, state = sess.step(x_chunk, state)      # x_chunk: sess.batched_shape(2)
+
+Each input and output has its batch axis where the metadata's "batch_axis" says (0 unless the
+model was compiled with batch_dim, e.g. 1 for time-major (T, N, F) frames); states are
+batch-first.
 
 An artifact of a model with several inputs (e.g. SlowFast's `[slow, fast]`, or frames and a side
 input) takes one array per input, in `sess.inputs` order (a list, or a dict by name).
@@ -29,13 +33,16 @@ class InputInfo:
     name: str
     shape: tuple            # chunk shape without the batch axis
     dtype: np.dtype
-    time_axis: int | None   # with the batch axis (0) counted
+    time_axis: int | None   # with the batch axis counted
     frames_per_step: int
+    batch_axis: int = 0     # where the streams are stacked
 
     @classmethod
     def from_meta(cls, d: dict) -> "InputInfo":
-        return cls(d["name"], tuple(d["shape"][1:]), np.dtype(d["dtype"]), d.get("time_axis"),
-                   d.get("frames_per_step", 0))
+        axis = d.get("batch_axis", 0)
+        shape = tuple(s for i, s in enumerate(d["shape"]) if i != axis)
+        return cls(d["name"], shape, np.dtype(d["dtype"]), d.get("time_axis"),
+                   d.get("frames_per_step", 0), axis)
 
     @property
     def is_time(self) -> bool:
@@ -43,21 +50,32 @@ class InputInfo:
 
     @property
     def frame_shape(self) -> tuple:
-        return tuple(s for i, s in enumerate(self.shape, 1) if i != self.time_axis)
+        return tuple(s for i, s in enumerate(self.batched_shape(1))
+                     if i not in (self.time_axis, self.batch_axis))
+
+    def batched_shape(self, batch) -> tuple:
+        """The chunk's shape for `batch` streams (`batch` on the batch axis)."""
+        shape = list(self.shape)
+        shape.insert(self.batch_axis, batch)
+        return tuple(shape)
+
+    def batch_of(self, x: np.ndarray) -> int:
+        return x.shape[self.batch_axis]
 
     def check(self, x, batch: int | None = None) -> None:
-        """x must be an array of shape (batch, *shape) and this input's dtype."""
-        expected = f"(batch, {', '.join(map(str, self.shape))}) {self.dtype}"
+        """x must be an array of shape batched_shape(streams) and this input's dtype."""
+        expected = f"({', '.join(map(str, self.batched_shape('batch')))}) {self.dtype}"
         if not isinstance(x, np.ndarray):
             raise ValueError(f"{self.name} must be a numpy array of shape {expected}, got {type(x).__name__}")
-        if x.ndim != len(self.shape) + 1 or x.shape[1:] != self.shape or not len(x):
+        if (x.ndim != len(self.shape) + 1 or x.shape != self.batched_shape(x.shape[self.batch_axis])
+                or not x.shape[self.batch_axis]):
             frames = (f" ({self.frames_per_step} frame{'s' * (self.frames_per_step != 1)} on axis "
                       f"{self.time_axis})" if self.is_time else "")
             raise ValueError(f"{self.name} has shape {x.shape}, expected {expected}{frames}")
         if x.dtype != self.dtype:
             raise ValueError(f"{self.name} has dtype {x.dtype}, expected {self.dtype} (convert with x.astype)")
-        if batch is not None and len(x) != batch:
-            raise ValueError(f"{self.name} holds {len(x)} streams, the other inputs {batch}")
+        if batch is not None and self.batch_of(x) != batch:
+            raise ValueError(f"{self.name} holds {self.batch_of(x)} streams, the other inputs {batch}")
 
 
 @dataclass(frozen=True)
@@ -66,15 +84,20 @@ class OutputInfo:
 
     name: str
     kind: str               # "time", "clip", "window" or "static"
-    time_axis: int | None   # with the batch axis (0) counted
+    time_axis: int | None   # with the batch axis counted
     rate: tuple[int, int]   # output frames per input frame, as (num, den)
     warmup: int             # streamed frames of this output before its first valid one
     ready: int              # clip/window outputs: input frames needed before the value is valid
+    batch_axis: int | None = 0   # where the streams are stacked; None: the output has no batch axis
 
     @classmethod
     def from_meta(cls, d: dict) -> "OutputInfo":
         return cls(d["name"], d["kind"], d.get("time_axis"), (d.get("rate_num", 1), d.get("rate_den", 1)),
-                   d.get("warmup", 0), d.get("ready", 0))
+                   d.get("warmup", 0), d.get("ready", 0), d.get("batch_axis", 0))
+
+    def stream(self, value: np.ndarray, row: int) -> np.ndarray:
+        """Stream `row` of a batched `value`, its batch axis kept (of size 1)."""
+        return np.take(value, [row], axis=self.batch_axis)
 
     def valid_part(self, value: np.ndarray, frames_before: int, step_frames: int):
         """The valid part of this step's `value` (one stream, batch axis kept), or None."""
@@ -96,8 +119,9 @@ class Session:
     meta           the artifact's JSON metadata (dict)
     inputs         the model's inputs (InputInfo), in the order step() takes them
     step_frames    frames per step (of the fastest input)
-    chunk_shape, frame_shape, time_axis, dtype: those of the first input that runs at the full
-                   frame rate (`x` for a model of one input)
+    chunk_shape, frame_shape, time_axis, batch_axis, dtype: those of the first input that runs at
+                   the full frame rate (`x` for a model of one input); chunk_shape leaves the
+                   batch axis out (batched_shape(n) has it)
     """
 
     def __init__(self, path: str, threads: int | None = None, providers=None):
@@ -111,7 +135,8 @@ class Session:
         self.step_frames = self.meta["step_frames"]
         main = next(i for i in self.inputs if i.frames_per_step == self.step_frames)
         self.input_name, self.time_axis, self.dtype = main.name, main.time_axis, main.dtype
-        self.chunk_shape, self.frame_shape = main.shape, main.frame_shape
+        self.chunk_shape, self.frame_shape, self.batch_axis = main.shape, main.frame_shape, main.batch_axis
+        self.batched_shape = main.batched_shape
         self.states = self.meta["states"]
         self.fixed_batch = self.meta.get("batch")      # None: any batch size
         self.outputs = [OutputInfo.from_meta(o) for o in self.meta["outputs"]]
@@ -132,7 +157,7 @@ class Session:
         order, or a dict by name)."""
         xs = self.arrays(x)
         self.check_inputs(xs)
-        self.check_state(state, len(xs[0]))
+        self.check_state(state, self.inputs[0].batch_of(xs[0]))
         flat = self.run([*xs, *state])
         n = len(self.outputs)
         return tuple(flat[:n]), tuple(flat[n:])
@@ -159,7 +184,7 @@ class Session:
 
     # -- checks ---------------------------------------------------------------------------------------
     def check_chunk(self, x) -> None:
-        """x must be an array of shape (batch, *chunk_shape) and dtype `dtype`."""
+        """x must be an array of shape batched_shape(batch) and dtype `dtype`."""
         self.check_inputs([x] if len(self.inputs) == 1 else [x, *[None] * (len(self.inputs) - 1)])
 
     def check_inputs(self, xs: list) -> None:
@@ -168,7 +193,7 @@ class Session:
         for info, x in zip(self.inputs, xs):
             if x is not None:
                 info.check(x, batch)
-                batch = len(x)
+                batch = info.batch_of(x)
         if self.fixed_batch and batch is not None and batch != self.fixed_batch:
             raise ValueError(f"this artifact serves exactly {self.fixed_batch} streams per call "
                              f"(the model pins its batch size), got a batch of {batch}")

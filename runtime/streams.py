@@ -26,8 +26,12 @@ import numpy as np
 class Streams:
     """`n` streams of one Session. `push(frames)` returns, per stream, its newly valid outputs
     (None while nothing is valid): the output itself for a one-output model, else a tuple with
-    None for outputs still warming up. Values have no batch axis: per-frame outputs hold their
-    valid frames on `time_axis - 1`."""
+    None for outputs still warming up. Values have no batch axis (removed from where the
+    metadata's "batch_axis" says): per-frame outputs hold their valid frames on `time_axis`, one
+    less if the batch axis came before it. Frames are pushed per stream, without batch or time
+    axis, whatever the artifact's layout: each step stacks them along its time and batch axes.
+    An output without a batch axis (null: the model reduced or merged its batch) cannot be
+    split into streams, so such an artifact is refused here (Session.step serves it)."""
 
     def __init__(self, session, n: int):
         if n < 1:
@@ -35,6 +39,11 @@ class Streams:
         if session.fixed_batch and n != session.fixed_batch:
             raise ValueError(f"this artifact serves exactly {session.fixed_batch} streams (the model "
                              f"pins its batch size), asked for {n}")
+        mixed = [o.name for o in session.outputs if o.batch_axis is None and o.kind != "static"]
+        if mixed:
+            raise ValueError(f"output(s) {', '.join(mixed)} have no batch axis (the model reduces or "
+                             "merges its streams there), so they cannot be split per stream; step "
+                             "the batch with Session.step")
         self.session, self.n = session, n
         self.state = list(session.initial_state(n))
         # per input: its frames of the coming step (time inputs) or its value (side inputs)
@@ -119,9 +128,7 @@ class Streams:
         sess = self.session
         rows = np.arange(self.n) if sess.fixed_batch else ready
         whole = len(rows) == self.n
-        xs = [np.ascontiguousarray(np.moveaxis(b if whole else b[rows], 1, i.time_axis)) if i.is_time
-              else np.ascontiguousarray(b if whole else b[rows])
-              for i, b in zip(sess.inputs, self._buf)]
+        xs = [np.ascontiguousarray(_layout(b if whole else b[rows], i)) for i, b in zip(sess.inputs, self._buf)]
         state = self.state if whole else [s[rows] for s in self.state]
         before = state[self._counter].copy()
         outs, nxt = sess.step(xs if len(xs) > 1 else xs[0], tuple(state))
@@ -141,11 +148,22 @@ class Streams:
         c = self.session.step_frames
         parts = []
         for info, value in zip(self.session.outputs, outs):
-            part = info.valid_part(value[row:row + 1], frames_before, c)
-            parts.append(None if part is None else part[0])
+            if info.batch_axis is None:           # a static output: the same for every stream
+                parts.append(info.valid_part(value, frames_before, c))
+                continue
+            part = info.valid_part(info.stream(value, row), frames_before, c)
+            parts.append(None if part is None else np.take(part, 0, axis=info.batch_axis))
         if all(p is None for p in parts):
             return None
         return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _layout(buffered: np.ndarray, info) -> np.ndarray:
+    """A buffer of (streams, frames, *frame) (time input) or (streams, *shape) (side input) in the
+    input's layout: streams on its batch axis, frames on its time axis."""
+    if not info.is_time:
+        return np.moveaxis(buffered, 0, info.batch_axis)
+    return np.moveaxis(buffered, (0, 1), (info.batch_axis, info.time_axis))
 
 
 class Stream:

@@ -3,6 +3,9 @@ along time.
 
 A spec is plain data (so hypothesis can shrink it); `Net(spec)` builds the offline model. Time sits
 on any spatial axis of a 1D/2D/3D layout; other spatial axes get 1 or 3 wide same-padded kernels.
+With spec["batch_axis"] = b > 0 (`architectures(layouts=True)`) the model takes its input with
+the batch on axis b (the (N, C, ...) layout with axis 0 moved there, e.g. time-major) and returns
+its per-frame output in that layout too; `axes(spec)` gives the matching time_dim and batch_dim.
 """
 from __future__ import annotations
 
@@ -111,12 +114,13 @@ class Net(nn.Module):
         return x
 
     def forward(self, x):
-        y = self._run(self.spec["layers"], x, "b")
+        b = self.spec.get("batch_axis", 0)
+        y = self._run(self.spec["layers"], x.movedim(b, 0) if b else x, "b")
         td = 2 + self.t
         heads = self.spec["heads"]
         outs = []
         if "frames" in heads:
-            outs.append(y)
+            outs.append(y.movedim(0, b) if b else y)
         if "mean" in heads:
             outs.append(y.mean(dim=td))
         if "amax" in heads:
@@ -243,11 +247,13 @@ def length_after(layers, t):
 
 
 @st.composite
-def architectures(draw):
-    """A random spec with its clip length; padded or not (unpadded ones must also meet E2)."""
+def architectures(draw, layouts: bool = False):
+    """A random spec with its clip length; padded or not (unpadded ones must also meet E2). With
+    `layouts`, the batch may sit on another axis of the input (spec["batch_axis"])."""
     nd = draw(st.integers(1, 3))
     padded = draw(st.booleans())
     spec = {"nd": nd, "t_axis": draw(st.integers(0, nd - 1)), "in_ch": draw(st.integers(1, 3)),
+            "batch_axis": draw(st.sampled_from([0, 1, nd + 1])) if layouts else 0,
             "layers": [], "heads": draw(st.sampled_from([("frames",), ("mean",), ("frames", "mean"),
                                                           ("amax",), ("frames", "amax"),
                                                           ("poolfc",), ("frames", "poolfc")]))}
@@ -269,9 +275,21 @@ def architectures(draw):
 
 
 def model_and_clip(spec: dict, T: int):
-    """The eval model of `spec` and a random batch of two clips of T frames for it."""
+    """The eval model of `spec` and a random batch of two clips of T frames for it (the batch on
+    axis spec["batch_axis"])."""
     torch.manual_seed(0)
     model = Net(spec).eval()
     shape = [2, spec["in_ch"]] + [3] * spec["nd"]
     shape[2 + spec["t_axis"]] = T
-    return model, torch.randn(shape)
+    return model, torch.randn(shape).movedim(0, spec.get("batch_axis", 0)).contiguous()
+
+
+def axes(spec: dict) -> tuple[int, int]:
+    """(time_dim, batch_dim) of the input of Net(spec)."""
+    b, t = spec.get("batch_axis", 0), 2 + spec["t_axis"]
+    return (t - 1 if 0 < t <= b else t), b
+
+
+def one_stream(spec: dict, clip):
+    """The first stream of a clip of model_and_clip."""
+    return clip.narrow(spec.get("batch_axis", 0), 0, 1)
