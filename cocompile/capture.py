@@ -85,15 +85,17 @@ def _batch_first_inputs(graph: fx.Graph, names: list[str], batch_dims: list[int]
     nodes = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for name, b in zip(names, batch_dims):
         node = nodes[name]
-        if b == 0 or not node.users:
+        if b == 0:
             continue
         val = node.meta["val"]
+        node.meta["val"] = val.movedim(b, 0)
+        if not node.users:
+            continue
         order = [*range(1, b + 1), 0, *range(b + 1, val.dim())]    # batch-first -> user layout
         with graph.inserting_after(node):
             back = graph.call_function(torch.ops.aten.permute.default, (node, order))
         node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
         back.meta.update(val=val, stack_trace=node.meta.get("stack_trace"))
-        node.meta["val"] = val.movedim(b, 0)
 
 
 def _output_batch_dims(graph: fx.Graph, names: list[str]) -> list:
