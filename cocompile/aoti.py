@@ -154,9 +154,11 @@ def write_aoti(co, path: str) -> None:
 def contiguous_program(co, ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """The exported step again, its outputs contiguous (see ContiguousOutputs), the batch axis
     dynamic as in `ep` (unless the model pinned it)."""
+    from .export import arg_batch_dims
+
     args, _ = ep.example_inputs
     batch = Dim("batch")
-    dynamic = None if md.compiled_batch(co) else (tuple({0: batch} for _ in args),)
+    dynamic = None if md.compiled_batch(co) else (tuple({b: batch} for b in arg_batch_dims(co)),)
     return torch.export.export(ContiguousOutputs(ep.module()), args, dynamic_shapes=dynamic)
 
 
@@ -168,12 +170,15 @@ def package_metadata(co) -> dict[str, str]:
 
 
 def spec_lines(entries: list[dict]) -> str:
-    """`name dtype d1 d2 ...` per entry, shapes without the batch axis.
+    """`name dtype d1 d2 ...` per entry, -1 on the batch axis (wherever it is: time-major inputs
+    keep theirs), which the runner replaces with its number of streams.
 
-    >>> spec_lines([{"name": "x", "dtype": "float32", "shape": [None, 8, 1]}])
-    'x float32 8 1'
+    >>> spec_lines([{"name": "x", "dtype": "float32", "shape": [None, 8, 1], "batch_axis": 0}])
+    'x float32 -1 8 1'
     """
-    return "\n".join(" ".join([e["name"], e["dtype"], *map(str, e["shape"][1:])]) for e in entries)
+    def dims(e):
+        return [-1 if i == e.get("batch_axis", 0) else d for i, d in enumerate(e["shape"])]
+    return "\n".join(" ".join([e["name"], e["dtype"], *map(str, dims(e))]) for e in entries)
 
 
 def is_package(path: str) -> bool:

@@ -19,7 +19,8 @@ import cocompile
 from cocompile.verify import check_clip
 from flops import import_example
 
-EXAMPLES = ["tcn", "x3d", "slow_resnet", "stgcn", "crnn", "unet_audio", "slowfast", "conditioned_tcn"]
+EXAMPLES = ["tcn", "x3d", "slow_resnet", "stgcn", "crnn", "kws_lstm", "unet_audio", "video_unet", "slowfast",
+            "conditioned_tcn"]
 
 
 def measure(name: str, size: str) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 import cocompile
 from cocompile.cli import main
+from cocompile.aoti import spec_lines
 from cocompile.export import check_artifact
 from cocompile.loading import load_model
 from cocompile.runtime import Session
@@ -120,6 +121,9 @@ def test_metadata_and_onnx_graph_name_every_batch_axis(lstm, artifacts):
     assert dims["x"] == [co.step_frames, "batch", F]
     assert (dims["y.0"], dims["y.1"], dims["y.2"]) == ([co.step_frames, "batch", 5], ["batch", 5], [2, "batch", 5])
     assert all(dims[s.name][0] == "batch" for s in co.specs)
+    # the AOTInductor package's lines for C++ mark the batch axis wherever it is
+    lines = spec_lines(meta["inputs"]).split()
+    assert lines == ["x", "float32", str(co.step_frames), "-1", str(F)]
 
 
 # -- artifacts ------------------------------------------------------------------------------------------

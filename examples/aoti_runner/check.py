@@ -32,7 +32,8 @@ from frames import read_arrays, write_frames  # noqa: E402
 
 def eager_steps(co, frames: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Per step: the eager step's outputs, then its next states, from the zero state."""
-    state, out = co.initial_state(frames[0].shape[0]), []
+    first = pytree.tree_leaves(frames[0])[0]
+    state, out = co.initial_state(first.shape[co.inputs.specs[0].batch_dim]), []
     with torch.no_grad():
         for x in frames:
             outs, state = co.step(x, state)
@@ -43,7 +44,7 @@ def eager_steps(co, frames: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 def runner_error(co, frames_path: str, outputs_path: str, steps: int, batch: int) -> float:
     """Largest error of the runner's outputs and next states (all steps) against `co.step` on the
     same frames, relative to max(1, max|ref|) per tensor, as E4 measures it."""
-    inputs = [((batch, *s.chunk_shape(1, co.step_frames)[1:]),
+    inputs = [(tuple(s.chunk_shape(batch, co.step_frames)),
                _name(co.dtype if s.dtype.is_floating_point else s.dtype)) for s in co.inputs.specs]
     frames = [torch.from_numpy(a.copy()) for a in read_arrays(frames_path, inputs * steps)]
     n = len(inputs)

@@ -39,7 +39,8 @@ def step_frames(meta: dict, batch: int, rng: np.random.Generator) -> list[np.nda
     """One step's model inputs for `batch` streams, from the package's metadata."""
     out = []
     for spec in meta["inputs"]:
-        shape, dtype = (batch, *spec["shape"][1:]), np.dtype(spec["dtype"])
+        shape = [batch if i == spec.get("batch_axis", 0) else d for i, d in enumerate(spec["shape"])]
+        dtype = np.dtype(spec["dtype"])
         out.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
                    else np.zeros(shape, dtype))
     return out

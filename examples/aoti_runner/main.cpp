@@ -3,9 +3,9 @@
 //   aoti_runner PACKAGE FRAMES BATCH OUTPUTS
 //
 // PACKAGE  the .aoti.pt2 package; its metadata names every step input with its dtype and its
-//          shape per stream ("cocompile.inputs": the model's inputs, "cocompile.states": the
-//          states, one "name dtype d1 d2 ..." line each, in the step's argument order).
-// FRAMES   raw C-order data: for each step, each model input as a (BATCH, d1, d2, ...) tensor;
+//          shape, -1 on the batch axis ("cocompile.inputs": the model's inputs, "cocompile.states":
+//          the states, one "name dtype d1 d2 ..." line each, in the step's argument order).
+// FRAMES   raw C-order data: for each step, each model input with BATCH on its batch axis;
 //          the number of steps is the file size over the bytes of one step.
 // OUTPUTS  written the same way: for each step, the step's outputs (the model's outputs, then
 //          the next states), so the last tensors written are the final state.
@@ -29,7 +29,7 @@ namespace {
 struct TensorSpec {
   std::string name;
   c10::ScalarType dtype;
-  std::vector<int64_t> shape;  // per stream: without the batch axis
+  std::vector<int64_t> shape;  // -1 on the batch axis
 };
 
 c10::ScalarType parse_dtype(const std::string& name) {
@@ -64,8 +64,10 @@ std::vector<TensorSpec> parse_specs(const std::unordered_map<std::string, std::s
 }
 
 std::vector<int64_t> batched(const TensorSpec& spec, int64_t batch) {
-  std::vector<int64_t> shape{batch};
-  shape.insert(shape.end(), spec.shape.begin(), spec.shape.end());
+  std::vector<int64_t> shape = spec.shape;
+  for (auto& d : shape) {
+    if (d == -1) d = batch;
+  }
   return shape;
 }
 
