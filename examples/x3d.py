@@ -125,6 +125,23 @@ def x3d_s():
     return build("s"), example_input("s")
 
 
+class GlobalMean(nn.Module):
+    """Average over time and space, keeping the axes: what the head's AvgPool3d computes on the
+    clip it was built for."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3, 4), keepdim=True)
+
+
+def full_mean_head():
+    """X3D-M with its head's average pool written as a mean (the same values on its 16x224x224
+    clip). torch has no float16/bfloat16 avg_pool3d on the CPU; a mean runs in every dtype:
+    `cocompile bench examples/x3d.py:full_mean_head --dtype bfloat16`."""
+    model = build("full")
+    model.head[2] = GlobalMean()
+    return model, example_input("full")
+
+
 def main(argv=None) -> dict:
     """Compile and verify X3D without SE (exact), show the SE refusal, then SE with approximate=True."""
     size = parse_size(argv, __doc__, CONFIGS)
