@@ -38,7 +38,8 @@ import cocompile
 from cocompile.quantize import Recipe, write_quantized
 from cocompile.verify import HALF_FACTOR, HALF_ULPS, is_half, rtol
 
-EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "stgcn", "oadtr", "audio_transformer")
+EXAMPLES = ("x3d", "r2plus1d", "slow_resnet", "tcn", "stgcn", "oadtr", "audio_transformer", "crnn",
+            "kws_lstm", "unet_audio", "video_unet", "slowfast", "conditioned_tcn")
 DTYPES = ("float64", "float16", "bfloat16")
 
 
@@ -108,10 +109,20 @@ def _allowed(offline: float, dtype: torch.dtype) -> float:
     return HALF_FACTOR * offline + HALF_ULPS * torch.finfo(dtype).eps
 
 
+def cast(clip, dtype: torch.dtype):
+    """A clip (a tensor or the model's structure of inputs) with its float tensors in `dtype`."""
+    return pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, clip)
+
+
+def _args(clip) -> tuple:
+    """model(*args) for a clip: a tuple is the positional arguments, anything else one argument."""
+    return clip if isinstance(clip, tuple) else (clip,)
+
+
 def _needs_fallback(model, clip) -> bool:
     try:
         with torch.no_grad():
-            model(clip)
+            model(*_args(clip))
         return False
     except NotImplementedError:
         return True
@@ -122,21 +133,22 @@ def measure(label, mod, kwargs, approximate, dtype: torch.dtype, size="small", c
     t0, td = time.perf_counter(), getattr(mod, "TIME_DIM", 2)
     base = mod.build(size, **kwargs)
     wide, model = copy.deepcopy(base).double(), copy.deepcopy(base).to(dtype)
-    fallback = _needs_fallback(model, mod.example_input(size).to(dtype))
+    fallback = _needs_fallback(model, cast(mod.example_input(size), dtype))
     mode = HalfFallback() if fallback else contextlib.nullcontext()
     with mode:    # verify=False under the fallback: compile's own check would run without it
-        co = cocompile.compile(model, mod.example_input(size).to(dtype), time_dim=td,
+        co = cocompile.compile(model, cast(mod.example_input(size), dtype), time_dim=td,
                                approximate=approximate, verify=not fallback)
-        co64 = cocompile.compile(wide, mod.example_input(size).double(), time_dim=td,
+        co64 = cocompile.compile(wide, cast(mod.example_input(size), torch.float64), time_dim=td,
                                  approximate=True) if approximate else None
         eps, worst = torch.finfo(dtype).eps, (0.0, 0.0, -math.inf)
         for seed in range(clips):
             clip = mod.example_input(size, seed=seed)
             with torch.no_grad():
-                truth = pytree.tree_leaves(wide(clip.double()))
-                truth_co = pytree.tree_leaves(co64.forward_steps(clip.double())) if approximate else truth
-                off = pytree.tree_leaves(model(clip.to(dtype)))
-                got = pytree.tree_leaves(co.forward_steps(clip.to(dtype)))
+                wide_clip = cast(clip, torch.float64)
+                truth = pytree.tree_leaves(wide(*_args(wide_clip)))
+                truth_co = pytree.tree_leaves(co64.forward_steps(wide_clip)) if approximate else truth
+                off = pytree.tree_leaves(model(*_args(cast(clip, dtype))))
+                got = pytree.tree_leaves(co.forward_steps(cast(clip, dtype)))
             for t, tc, o, g in zip(truth, truth_co, off, got):
                 e_off, e_co = _rel(o, t), _rel(g, tc)
                 slack = e_co - _allowed(e_off, dtype) if math.isfinite(e_off) else 0.0
@@ -165,7 +177,7 @@ def artifacts(label, mod, kwargs, approximate, dtype: torch.dtype, folder: str,
     from cocompile.export import check_artifact
 
     model = mod.build(size, **kwargs).to(dtype)
-    clip = mod.example_input(size).to(dtype)
+    clip = cast(mod.example_input(size), dtype)
     fallback = _needs_fallback(model, clip)
     lines = []
     with HalfFallback() if fallback else contextlib.nullcontext():
