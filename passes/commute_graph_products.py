@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from cocompile.passes.graph_products import drop_unused_consts, match, write
+from cocompile.passes.graph_products import finish_rewrite, match, write
 
 
 def commute_graph_products(gm: fx.GraphModule, consts: dict) -> int:
@@ -31,8 +31,5 @@ def commute_graph_products(gm: fx.GraphModule, consts: dict) -> int:
             write(gm, consts, gp, gp.cheaper)
             moved += 1
     if moved:
-        gm.graph.eliminate_dead_code()
-        drop_unused_consts(gm, consts)
-        gm.graph.lint()
-        gm.recompile()
+        finish_rewrite(gm, consts)
     return moved

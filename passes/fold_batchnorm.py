@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from cocompile.ops.schema import bind
-from cocompile.passes.graph_products import drop_unused_consts, match, write
+from cocompile.passes.graph_products import finish_rewrite, match, write
 
 aten = torch.ops.aten
 TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
@@ -131,10 +131,7 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
         bn.replace_all_uses_with(conv)
         gm.graph.erase_node(bn)
         folded += 1
-    gm.graph.eliminate_dead_code()
-    drop_unused_consts(gm, consts)
-    gm.graph.lint()
-    gm.recompile()
+    finish_rewrite(gm, consts)
     return folded
 
 

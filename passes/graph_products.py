@@ -310,6 +310,15 @@ def call(gm, target, args, like: fx.Node) -> fx.Node:
     return inherit(node, like, val=val)
 
 
+def finish_rewrite(gm, consts: dict) -> None:
+    """After a rewrite: dead nodes and the constants nothing reads go; the graph is checked and
+    the module's code regenerated."""
+    gm.graph.eliminate_dead_code()
+    drop_unused_consts(gm, consts)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def drop_unused_consts(gm, consts: dict) -> None:
     """Constant placeholders that nothing reads any more go, with their tensors."""
     for n in list(gm.graph.nodes):

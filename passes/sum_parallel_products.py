@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from cocompile.ops.schema import bind
-from cocompile.passes.graph_products import CONVS, call, const, drop_unused_consts, emit, match, new_const
+from cocompile.passes.graph_products import CONVS, call, const, emit, finish_rewrite, match, new_const
 
 aten = torch.ops.aten
 LINEAR_OPS = (aten.linear.default, aten.convolution.default, *CONVS)
@@ -35,10 +35,7 @@ def sum_parallel_products(gm: fx.GraphModule, consts: dict) -> int:
         if _is_add(node) and node.users and not _inner(node):
             merged += _merge(gm, consts, node)
     if merged:
-        gm.graph.eliminate_dead_code()
-        drop_unused_consts(gm, consts)
-        gm.graph.lint()
-        gm.recompile()
+        finish_rewrite(gm, consts)
     return merged
 
 
