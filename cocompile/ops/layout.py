@@ -89,6 +89,19 @@ class Permute(Layout):
         return x.moved(perm.index(x.dim))
 
 
+@register_op(aten.movedim.int)
+class Movedim(Layout):
+    """x.movedim(source, destination): one axis moved, the others keep their order."""
+
+    def time(self, node, an):
+        x = an.info(node.args[0])
+        ndim = node.args[0].meta["val"].dim()
+        source, destination = node.args[1] % ndim, node.args[2] % ndim
+        order = [d for d in range(ndim) if d != source]
+        order.insert(destination, source)           # order[new axis] = old axis
+        return x.moved(order.index(x.dim))
+
+
 @register_op(aten.transpose.int)
 class Transpose(Layout):
     def time(self, node, an):
