@@ -162,18 +162,43 @@ DTYPE_HINT = ("export a float32 or float16 ONNX step (compile the model and exam
 
 
 def _check_loads(model, dtype: torch.dtype) -> None:
-    """onnxruntime lacks kernels for some ops in some dtypes (bfloat16 Gemm, float64 Conv...): load
-    the model once, so that such an artifact is refused here, naming the op, not when deployed."""
-    import onnxruntime as ort
+    """onnxruntime lacks kernels for some ops in some dtypes (bfloat16 Gemm, float64 Conv...), and
+    its graph optimisations can crash on a graph in a dtype they were not tried on: load the model
+    once, in a child process, so that such an artifact is refused here, naming the op or the
+    crash, not when deployed."""
+    import subprocess
+    import sys
+    import tempfile
 
-    try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
-        found = re.search(r"implementation for (\w+)\((\d+)\)", str(err))
-        what = (f"has no {md.dtype_name(dtype)} kernel for {found[1]} (opset {found[2]})" if found
-                else f"cannot load the {md.dtype_name(dtype)} step: {_first_line(err)}")
-        raise CompileError(f"onnxruntime {what}, so the ONNX artifact would not run",
-                           hint=DTYPE_HINT) from None
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "step.onnx")
+        onnx.save(model, path)
+        done = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path], capture_output=True, text=True)
+    if done.returncode == 0:
+        return
+    name = md.dtype_name(dtype)
+    if done.returncode < 0:          # killed by a signal: onnxruntime itself crashed
+        raise CompileError(f"onnxruntime crashed (signal {-done.returncode}) creating a session for "
+                           f"the {name} step, so the ONNX artifact would not run", hint=DTYPE_HINT)
+    err = done.stdout.strip() or done.stderr.strip()
+    found = re.search(r"implementation for (\w+)\((\d+)\)", err)
+    what = (f"has no {name} kernel for {found[1]} (opset {found[2]})" if found
+            else f"cannot load the {name} step: {_first_line(err)}")
+    raise CompileError(f"onnxruntime {what}, so the ONNX artifact would not run", hint=DTYPE_HINT)
+
+
+# the child that loads an artifact: its error on stdout and exit 3, or a crash the parent sees
+_LOAD_CHILD = """
+import sys
+import onnxruntime as ort
+try:
+    ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+except Exception as err:
+    print(err)
+    sys.exit(3)
+"""
 
 
 def onnx_portable(co) -> bool:

@@ -191,6 +191,20 @@ def test_onnx_that_onnxruntime_cannot_load_is_refused(dtype, op):
         _check_loads(model, torch_dtype)
 
 
+def test_onnxruntime_crashing_on_the_artifact_is_refused_not_fatal(monkeypatch):
+    """onnxruntime 1.32's full graph optimisations crash (SIGSEGV) on some float16 steps (OadTR):
+    the load check runs in a child, so the crash is a CompileError here, not a dead process."""
+    import cocompile.export as export
+
+    monkeypatch.setattr(export, "_LOAD_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(cocompile.CompileError, match=r"onnxruntime crashed \(signal 11\)"):
+        _check_loads(model, torch.float16)
+
+
 def test_to_converts_a_compiled_model_and_its_states():
     """co.half() converts the program's constants (folded in float32, then rounded once); states,
     inputs and the traced step follow, and the criterion holds as for a model compiled in float16."""
