@@ -11,7 +11,7 @@ a small step pays for its arithmetic and little else. Both compute `co.step` (E4
 
 The package's metadata holds the cocompile JSON under "cocompile" (as every artifact does) and,
 for consumers without a JSON parser (examples/aoti_runner), "cocompile.inputs" and
-"cocompile.states": one line per step argument, `name dtype d1 d2 ...`, shape per stream.
+"cocompile.states": one line per step argument, `name dtype d1 d2 ...`, -1 on the batch axis.
 
 >>> fast = co.compiled()
 >>> y, state = fast.step(x_chunk, co.initial_state(1))        # as co.step
@@ -29,7 +29,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from . import metadata as md
-from .errors import CompileError
+from .errors import CompileError, first_line
 from .step import TracedStep
 
 # weights as constants of the code: folded and prepacked (Inductor applies it to inference graphs)
@@ -137,7 +137,7 @@ def compiled_clip(model: torch.nn.Module, mode: str = "default"):
 def write_aoti(co, path: str) -> None:
     """The exported step (batch dynamic, see export.export_program) compiled into a .pt2 package
     with AOTInductor; the metadata in the package's metadata."""
-    from .export import _first_line, export_program
+    from .export import export_program
 
     configs = {**OPTIONS, "aot_inductor.metadata": package_metadata(co)}
     with warnings.catch_warnings():
@@ -147,7 +147,7 @@ def write_aoti(co, path: str) -> None:
             torch._inductor.aoti_compile_and_package(program, package_path=path,
                                                      inductor_configs=configs)
         except Exception as err:  # noqa: BLE001 - Inductor and the C++ compiler fail in many ways
-            raise CompileError(f"AOTInductor could not compile the step: {_first_line(err)}",
+            raise CompileError(f"AOTInductor could not compile the step: {first_line(err)}",
                                hint="export .pt2 (torch.export) or .onnx instead") from None
 
 

@@ -16,7 +16,7 @@ from torch import fx
 from torch.export import Dim, export
 from torch.utils import _pytree as pytree
 
-from .errors import CompileError
+from .errors import CompileError, first_line
 from .inputs import Inputs
 from .ops.recurrent import shapes_only
 
@@ -180,7 +180,7 @@ def _by_parameter(model, dims: tuple):
 
 
 def _capture_error(err: Exception, args) -> CompileError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     shapes = ", ".join(str(tuple(t.shape)) for t in pytree.tree_leaves(args))
     if "size" in reason and ("ernel" in reason or "too small" in reason):
         return CompileError(f"the example clip ({shapes}) is shorter than the model's receptive "

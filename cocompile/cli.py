@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cocompile
 
 from . import bench
-from .errors import CompileError
+from .errors import CompileError, first_line
 from .loading import InputError, load_artifact, load_model
 
 COMMANDS = ("inspect", "verify", "bench")
@@ -292,7 +292,7 @@ def _example_mismatch(args, model, clip, shape) -> InputError | None:
             model(*args_)
         return None
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward() on this input
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
     origin = ("from --input-shape" if args.input_shape else
               "from the artifact's metadata" if shape is not None else f"that {args.model} carries")
     return InputError(f"the model does not run on the example input of shape {_shapes(clip)} "

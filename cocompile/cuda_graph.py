@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import CompileError
+from .errors import CompileError, first_line
 
 WARMUP = 3       # eager steps on a side stream before capture (kernel choice, allocator pools)
 
@@ -49,8 +49,7 @@ class GraphedStep:
                 for buf, new in zip(self.state, flat[n:]):  # the next state becomes the state
                     buf.copy_(new)
         except RuntimeError as err:   # e.g. an op that synchronises with the host
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CompileError(f"the step cannot be captured as a CUDA graph: {first}",
+            raise CompileError(f"the step cannot be captured as a CUDA graph: {first_line(err)}",
                                hint="step with co.step (eager) instead") from None
         self.outputs = list(flat[:n])
         self.reset()                  # the warm-up and the capture advanced the state

@@ -49,6 +49,13 @@ class NoRule(Refusal):
     """No rule knows this op; a finer-grained (decomposed) graph may still be compiled."""
 
 
+def first_line(err) -> str:
+    """The first line of an exception's message (or of a text), for a one-line reason; the
+    exception's type where it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def module_of(node: torch.fx.Node) -> str:
     """`blocks.2.conv_a (Conv3d)` for the innermost user module that produced `node`."""
     stack = node.meta.get("nn_module_stack") or {}

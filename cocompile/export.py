@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from cocompile.passes.tidy_step import tidy_step
 
 from . import metadata as md
-from .errors import CompileError
+from .errors import CompileError, first_line
 from .onnx_reshapes import tidy_reshapes
 from .onnx_transposes import sink_transposes
 from .ops.conv_forms import FORM_META, form_of, rows_step
@@ -111,7 +111,7 @@ def _export_program(co) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(ExplicitStep(co.program), args, dynamic_shapes=dynamic)
     except Exception as err:  # noqa: BLE001 - report torch's first line
-        raise CompileError(f"torch.export could not trace the step: {_first_line(err)}") from None
+        raise CompileError(f"torch.export could not trace the step: {first_line(err)}") from None
 
 
 def arg_batch_dims(co) -> list[int]:
@@ -151,7 +151,7 @@ def write_onnx(co, path: str) -> None:
         if typed:                      # e.g. ONNX defines no bfloat16 Conv
             raise CompileError(f"ONNX has no {typed[2]} {typed[1]} (the op's type constraints leave "
                                f"{typed[2]} out)", hint=DTYPE_HINT) from None
-        raise CompileError(f"the exported ONNX model fails onnx.checker: {_first_line(err)}") from None
+        raise CompileError(f"the exported ONNX model fails onnx.checker: {first_line(err)}") from None
     if co.dtype != torch.float32:
         _check_loads(model, co.dtype)
     onnx.save(model, path)
@@ -185,7 +185,7 @@ def _check_loads(model, dtype: torch.dtype) -> None:
     err = done.stdout.strip() or done.stderr.strip()
     found = re.search(r"implementation for (\w+)\((\d+)\)", err)
     what = (f"has no {name} kernel for {found[1]} (opset {found[2]})" if found
-            else f"cannot load the {name} step: {_first_line(err)}")
+            else f"cannot load the {name} step: {first_line(err)}")
     raise CompileError(f"onnxruntime {what}, so the ONNX artifact would not run", hint=DTYPE_HINT)
 
 
@@ -286,7 +286,7 @@ def write_torchscript(co, path: str) -> None:
         try:
             module = torch.jit.script(gm)
         except Exception as err:  # noqa: BLE001 - tracing keeps the sizes the graph reads
-            warnings.warn(f"scripting the step failed ({_first_line(err)}); tracing it instead",
+            warnings.warn(f"scripting the step failed ({first_line(err)}); tracing it instead",
                           stacklevel=3)
             module = torch.jit.trace(gm, example_args(co), check_trace=False)
         _check_batches(module, co)
@@ -403,7 +403,3 @@ def _quiet():
     finally:
         logger.setLevel(level)
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

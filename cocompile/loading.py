@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metadata as md
+from .errors import first_line
 
 FACTORY = re.compile(r"^([A-Za-z_][\w.]*|[\w./\\-]+\.py):[A-Za-z_]\w*$")
 PICKLE_PROTOCOL = b"\x80"
@@ -95,7 +96,7 @@ def _from_export(path: str) -> LoadedModel:
             warnings.simplefilter("ignore")
             ep = torch.export.load(path, extra_files=extra)
     except Exception as err:  # noqa: BLE001 - corrupt archives fail in many ways
-        raise InputError(f"{path}: cannot load the torch.export archive ({_first_line(err)})") from None
+        raise InputError(f"{path}: cannot load the torch.export archive ({first_line(err)})") from None
     if extra[md.EXTRA_FILE]:
         raise InputError(f"{path} is a cocompile artifact (one continual step), not an offline model; "
                          "pass the original model")
@@ -135,7 +136,7 @@ def _from_pickle(path: str, trust: bool) -> LoadedModel:
     except pickle.UnpicklingError:
         obj = None                     # holds objects beyond tensors: a pickled module or worse
     except Exception as err:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read the file ({_first_line(err)}); truncated or corrupt?") from None
+        raise InputError(f"{path}: cannot read the file ({first_line(err)}); truncated or corrupt?") from None
     if obj is not None:
         raise InputError(f"{path} holds {type(obj).__name__} data, not a model; pass "
                          f"pkg.module:factory --weights {path}")
@@ -145,7 +146,7 @@ def _from_pickle(path: str, trust: bool) -> LoadedModel:
     try:
         model = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - missing classes, corrupt data
-        raise InputError(f"{path}: cannot unpickle the model ({_first_line(err)})") from None
+        raise InputError(f"{path}: cannot unpickle the model ({first_line(err)})") from None
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
     return LoadedModel(model, None, f"pickled module {path}")
@@ -164,7 +165,7 @@ def _from_factory(spec: str, weights: str | None) -> LoadedModel:
         module = importlib.import_module(mod_name)
         factory = getattr(module, fn_name)
     except (ImportError, AttributeError) as err:
-        raise InputError(f"cannot import {spec}: {_first_line(err)}") from None
+        raise InputError(f"cannot import {spec}: {first_line(err)}") from None
     built = factory()
     model, example = built if isinstance(built, tuple) else (built, None)
     if not isinstance(model, torch.nn.Module):
@@ -181,13 +182,13 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001
-        raise InputError(f"{path}: not a weights-only state dict ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a weights-only state dict ({first_line(err)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - wrong keys or shapes
-        raise InputError(f"{path} does not fit the model: {_first_line(err)}") from None
+        raise InputError(f"{path} does not fit the model: {first_line(err)}") from None
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def load_artifact(path: str) -> Artifact:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - corrupt or foreign files
-        raise InputError(f"{path}: cannot load the artifact ({_first_line(err)})") from None
+        raise InputError(f"{path}: cannot load the artifact ({first_line(err)})") from None
 
 
 def _onnx_artifact(path: str) -> Artifact:
@@ -262,7 +263,3 @@ def _meta(path: str, extra: dict) -> dict:
         raise InputError(f"{path} has no {md.EXTRA_FILE}: not written by cocompile")
     return json.loads(text)
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
