@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from .errors import first_line
+
 WARMUP = 3          # untimed calls of everything before the timed rounds
 
 
@@ -211,16 +213,24 @@ def calls(model, clip, co, chunks, runtimes, stream: int, folder: str, artifacts
     """({"<runtime> clip" / "<runtime> step": call}, {runtime: why the clip is missing}). The
     step artifacts are written to `folder`, unless `artifacts` gives one for a runtime."""
     fns, why = {}, {}
-    for rt in runtimes:
-        path = (artifacts or {}).get(rt.name) or _write(co, rt, folder, log)
-        try:
-            fns[f"{rt.name} clip"] = rt.clip(model, clip, folder, threads, co)
-        except Unavailable as err:
-            why[rt.name] = str(err)
-        form = rt.step(co, path, threads)
+    for rt, clip_fn, form in _runtimes(model, clip, co, runtimes, folder, artifacts, threads, log, why):
+        if clip_fn is not None:
+            fns[f"{rt.name} clip"] = clip_fn
         fns[f"{rt.name} step"] = Stepper(form.call, form.initial_state(batch_of(clip, co)),
                                          [form.convert(c) for c in chunks], stream)
     return fns, why
+
+
+def _runtimes(model, clip, co, runtimes, folder: str, artifacts, threads, log, why: dict):
+    """Per runtime: (runtime, its clip call or None, its step form), the step's artifact written
+    to `folder` unless `artifacts` gives one; why a clip is missing goes into `why`."""
+    for rt in runtimes:
+        path = (artifacts or {}).get(rt.name) or _write(co, rt, folder, log)
+        try:
+            clip_fn = rt.clip(model, clip, folder, threads, co)
+        except Unavailable as err:
+            clip_fn, why[rt.name] = None, str(err)
+        yield rt, clip_fn, rt.step(co, path, threads)
 
 
 def measure(model, clip, co, chunks, rounds: int, stream: int, folder: str, runtimes=None,
@@ -478,13 +488,9 @@ def measure_streams(model, clip, co, counts, rounds: int, folder: str, runtimes=
     runtimes = [RUNTIMES["eager"]] if runtimes is None else runtimes
     fns, why = {}, {}
     with torch.no_grad():
-        for rt in runtimes:
-            path = _write(co, rt, folder, log)
-            try:
-                fns[f"{rt.name} clip"] = rt.clip(model, clip, folder, threads, co)
-            except Unavailable as err:
-                why[rt.name] = str(err)
-            form = rt.step(co, path, threads)
+        for rt, clip_fn, form in _runtimes(model, clip, co, runtimes, folder, None, threads, log, why):
+            if clip_fn is not None:
+                fns[f"{rt.name} clip"] = clip_fn
             for n in counts:
                 batch = co.inputs.unflatten(co.example_inputs(n, torch.Generator().manual_seed(n), co.clip_length))
                 chunks = [form.convert(c) for c in chunks_of(co, batch)[:8]]
@@ -527,7 +533,7 @@ def _quiet():
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
+    """first_line, shortened to fit a table's line."""
+    line = first_line(err)
     return line if len(line) <= 160 else line[:157] + "..."
 
