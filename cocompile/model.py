@@ -36,7 +36,7 @@ class ContinualModel(torch.nn.Module):
         self.specs = program.specs
         self.step_frames, self.clip_length = program.step_frames, program.clip_length
         self.inputs = inputs
-        main = next(s for s in inputs.specs if s.is_time and s.rate == 1)     # the fastest input
+        self._fastest = main = next(s for s in inputs.specs if s.is_time and s.rate == 1)
         self.time_dim, self.batch_dim, self.frame_shape = main.time_dim, main.batch_dim, main.frame_shape()
         leaves = inputs.leaves(example)
         self.dtype, self.device = main.dtype, leaves[0].device   # follow co.to(...), see _apply
@@ -228,7 +228,7 @@ class ContinualModel(torch.nn.Module):
 
     def _chunk_shape(self, batch, frames):
         """Shape of `frames` frames of the fastest input (the only input of most models)."""
-        return next(s for s in self.inputs.specs if s.is_time and s.rate == 1).chunk_shape(batch, frames)
+        return self._fastest.chunk_shape(batch, frames)
 
     def _frames(self, leaves) -> int:
         """Frames of the fastest input that `leaves` (checked) hold."""

@@ -42,6 +42,7 @@ from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
 from cocompile.ops.upsample import TransposedConv
 from cocompile.ops.window import Convolution, plan
+from cocompile.passes.graph_edit import const
 from cocompile.timeinfo import META, TimeInfo, reads_time
 
 REPEATS, BUDGET_S = 3, 0.03        # timed runs per form: up to 3, stopping after 30 ms
@@ -126,16 +127,12 @@ def _upsamples(node) -> bool:
 
 def _store(gm, consts, site: _Site, form: str) -> str | None:
     """Buffer name of the weight prepared for `form` (None: window, or a weight computed in-graph)."""
-    weight = _const(site.node.args[1], consts)
+    weight = const(site.node.args[1], consts)
     if form == "window" or weight is None:
         return None
     name = f"cocompile_{form}_{site.node.name}"
     gm.register_buffer(name, prepare(form, weight.detach(), site.geometry))
     return name
-
-
-def _const(arg, consts: dict):
-    return consts.get(arg.name) if isinstance(arg, fx.Node) and arg.op == "placeholder" else None
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -181,7 +178,7 @@ class _Runs:
         self.window = rand(meta_shape(node.args[0], batch, max(g.state, 0), x_info))
         out = node.meta[META]
         self.sums = rand(meta_shape(node, batch, g.extent - 1, out)) if g.extent > 1 else None
-        self.args = fx.node.map_arg(node.args, lambda n: _const(n, consts) if _const(n, consts) is not None
+        self.args = fx.node.map_arg(node.args, lambda n: const(n, consts) if const(n, consts) is not None
                                     else rand(meta_shape(n, batch)))
         self.a = site.rule.conv_args(node, self.args, {})
 

@@ -21,15 +21,12 @@ import torch
 from torch import fx
 
 from cocompile.ops.schema import bind
+from cocompile.passes.graph_edit import const
 from cocompile.passes.graph_products import finish_rewrite, match, write
 
 aten = torch.ops.aten
 TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default) + TRANSPOSED
-
-
-def _const(node, consts: dict):
-    return consts.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None
 
 
 def _new_const(gm: fx.GraphModule, consts: dict, name: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
@@ -45,7 +42,7 @@ def _new_const(gm: fx.GraphModule, consts: dict, name: str, value: torch.Tensor,
 def _scale_shift(b: dict, consts: dict):
     """(scale, shift) per channel of an eval batch_norm (bound arguments `b`) whose statistics and
     affine parameters are constants: bn(x) = x * scale + shift. None otherwise."""
-    stats = [_const(b[k], consts) if b[k] is not None else None
+    stats = [const(b[k], consts) if b[k] is not None else None
              for k in ("weight", "bias", "running_mean", "running_var")]
     if b["training"] or stats[2] is None or stats[3] is None or any(
             b[k] is not None and s is None for k, s in zip(("weight", "bias"), stats[:2])):
@@ -109,7 +106,7 @@ def fold_batchnorm(gm: fx.GraphModule, consts: dict) -> int:
             continue
         b = bind(bn.target, bn.args, bn.kwargs)
         c = bind(conv.target, conv.args, conv.kwargs)
-        weight, bias = _const(c["weight"], consts), _const(c.get("bias"), consts)
+        weight, bias = const(c["weight"], consts), const(c.get("bias"), consts)
         affine = _scale_shift(b, consts)
         if affine is None or b["weight"] is None or b["bias"] is None \
                 or weight is None or (c.get("bias") is not None and bias is None):

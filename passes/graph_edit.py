@@ -1,6 +1,7 @@
-"""What the rewrites share when they add a node: it takes its value and its place in the user's
+"""What the rewrites share. When they add a node, it takes its value and its place in the user's
 source (module path, source line, for error messages) from the node it stands for, never that
-node's cocompile annotations, which the analyses recompute."""
+node's cocompile annotations, which the analyses recompute. When they read one, `const` says
+whether it is a constant of the graph (a placeholder with a tensor in `consts`)."""
 from __future__ import annotations
 
 from torch import fx
@@ -16,3 +17,8 @@ def inherit(new: fx.Node, old: fx.Node, val=None, source: fx.Node | None = None)
     if val is not None:
         new.meta["val"] = val
     return new
+
+
+def const(node, consts: dict):
+    """The tensor of a constant placeholder, else None."""
+    return consts.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None

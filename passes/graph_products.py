@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from cocompile.ops.schema import bind
-from cocompile.passes.graph_edit import inherit
+from cocompile.passes.graph_edit import const, inherit
 
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 3, aten.conv2d.default: 4, aten.conv3d.default: 5}   # op: rank
@@ -71,11 +71,6 @@ class GraphProduct:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def const(node, consts: dict):
-    """The tensor of a constant placeholder, else None."""
-    return consts.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None
-
-
 def match(node, consts: dict) -> GraphProduct | None:
     """`node` read as a GraphProduct (a bias added after it included), or None. Ops between
     x and `node` must have no other reader."""

@@ -22,7 +22,8 @@ import torch
 from torch import fx
 
 from cocompile.ops.schema import bind
-from cocompile.passes.graph_products import CONVS, call, const, emit, finish_rewrite, match, new_const
+from cocompile.passes.graph_edit import const
+from cocompile.passes.graph_products import CONVS, call, emit, finish_rewrite, match, new_const
 
 aten = torch.ops.aten
 LINEAR_OPS = (aten.linear.default, aten.convolution.default, *CONVS)
