@@ -416,8 +416,7 @@ def cmd_bench(args) -> int:
     print(f"compile {timings['compile']:.2f} s   first step {t_first:.2f} s (traces the step graph "
           f"for batch {bench.batch_of(clip, co)}; later steps reuse it)", flush=True)
     runtimes = [bench.RUNTIMES["eager"]] if args.eager_only else list(bench.RUNTIMES.values())
-    rounds = min(20, max(3, args.steps // 10))
-    stream = -(-args.steps // rounds)                 # --steps timed steps per runtime in all
+    rounds, stream = _rounds(args.steps)
     given = {"onnxruntime": args.artifact} if args.artifact else None
     with phase("measuring this machine's peak FLOP/s and bandwidth, and the step's roofline"):
         bound = bench.roofline(co, bench.measure_machine(), bench.batch_of(clip, co))
@@ -430,6 +429,12 @@ def cmd_bench(args) -> int:
     return OK
 
 
+def _rounds(steps: int) -> tuple[int, int]:
+    """(interleaved rounds, steps in a row per round) that time about `steps` steps per runtime."""
+    rounds = min(20, max(3, steps // 10))
+    return rounds, -(-steps // rounds)
+
+
 def cmd_bench_dtype(args) -> int:
     """bench --dtype: the model and clip converted to the dtype (int8: the ONNX step quantized,
     and the offline model quantized alike), each step form against the clip in that dtype and
@@ -437,8 +442,7 @@ def cmd_bench_dtype(args) -> int:
     import tempfile
 
     loaded, clip, co = _compile(args)
-    rounds = min(20, max(3, args.steps // 10))
-    stream = -(-args.steps // rounds)
+    rounds, stream = _rounds(args.steps)
     with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing clip and step"):
         low = _in_dtype(args, loaded.model.eval(), clip, co, tmp)
         fns, why = bench.calls(*low[:3], bench.chunks_of(low[2], low[1]), low[3], stream, tmp, low[4])
@@ -486,9 +490,7 @@ def _in_dtype(args, model, clip, co, folder):
 
 def _float32_twins(args, runtimes) -> list:
     """The float32 runtimes the dtype's steps are compared with (int8: onnxruntime float32)."""
-    if args.dtype == "int8":
-        return [bench.RUNTIMES["onnxruntime"]]
-    return [bench.RUNTIMES[rt.name] for rt in runtimes]
+    return [bench.RUNTIMES[_float32_twins_name(args.dtype, rt.name)] for rt in runtimes]
 
 
 def _no_clip(*args):
@@ -548,7 +550,7 @@ def cmd_bench_streams(args) -> int:
     loaded, clip, co = _compile(args)
     runtimes = [bench.RUNTIMES["eager"]] if args.eager_only else \
         [bench.RUNTIMES[n] for n in ("eager", "onnxruntime")]
-    rounds = min(20, max(3, args.steps // 10))
+    rounds, _ = _rounds(args.steps)
     with tempfile.TemporaryDirectory() as tmp, _quiet_warnings(), phase("timing batched steps"):
         rows = bench.measure_streams(loaded.model.eval(), clip, co, args.streams, rounds, tmp, runtimes)
     print(f"{plural(co.step_frames, 'frame')} per stream and call, 1 thread (one core); medians of "
