@@ -153,3 +153,20 @@ def test_cli_bench_streams(setup, tmp_path, capsys):
     assert [ln.split("|")[2].strip() for ln in out.splitlines() if ln.startswith("| eager")] == ["1", "2"]
     assert main(["bench", path, "--streams", "0"]) == 2
     assert "every number of streams must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_bench_dtype_compares_each_step_with_its_clip_and_the_float32_step(setup, tmp_path, capsys):
+    """`cocompile bench MODEL --dtype float16 --eager-only`: a row per runtime with the float16
+    clip and step and the float32 step of that runtime beside them."""
+    from cocompile.cli import main
+
+    model, clip = setup[:2]
+    torch.export.save(torch.export.export(model, (clip,)), tmp_path / "m.pt2")
+    code = main(["bench", str(tmp_path / "m.pt2"), "--dtype", "float16", "--eager-only", "--steps", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("float16: clip")
+    (row,) = [ln.split() for ln in out.splitlines() if ln.startswith("eager")]
+    clip_ms, step_ms, ref_ms = float(row[1]), float(row[2]), float(row[-2])
+    # the printed ratio is float32 step over float16 step (cells rounded to their printed digits)
+    assert float(row[-1].rstrip("x")) == pytest.approx(ref_ms / step_ms, rel=0.02, abs=0.01)
+    assert clip_ms > 0
