@@ -64,8 +64,6 @@ class Recipe:
 def write_quantized(co, path: str, quantize: str, calibration, recipe: Recipe = Recipe()) -> str:
     """Write `co`'s step to `path` as a statically quantized int8 ONNX model (see the module
     docstring and Recipe)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     from .export import write_onnx
 
     clips = _check(co, path, quantize, calibration)
@@ -73,11 +71,7 @@ def write_quantized(co, path: str, quantize: str, calibration, recipe: Recipe = 
         named = os.path.join(tmp, "float.onnx")
         write_onnx(co, named)
         _name_nodes(named)
-        activations = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
-        quantize_static(named, path, SteppingReader(co, clips), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=recipe.reduce_range,
-                        activation_type=activations, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=float_nodes(named, recipe))
+        _quantize_static(named, path, SteppingReader(co, clips), recipe)
     dev = max(stream_deviation(co, path, 3 * co.clip_length, _scale(co, clips)))
     _finish(co, path, dict(dtype="int8", format="QDQ", weights="int8 per output channel",
                            approximate=True, deviation=dev, deviation_steps=3 * co.clip_length,
@@ -120,8 +114,6 @@ def quantize_clip(model, co, clip, path: str, calibration: list, recipe: Recipe 
     """The OFFLINE model on whole clips (`clip`'s shape), as ONNX quantized the same way (QDQ,
     calibrated on the `calibration` clips, the recipe's float ops and float outputs): the int8
     clip that `cocompile bench --dtype int8` times the int8 step against."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     from .export import _quiet as quiet_export
 
     with tempfile.TemporaryDirectory() as tmp, _quiet():
@@ -134,11 +126,19 @@ def quantize_clip(model, co, clip, path: str, calibration: list, recipe: Recipe 
         feeds = iter([{n: t.detach().cpu().numpy() for n, t in zip(names, co.inputs.leaves(c))}
                       for c in calibration])
         reader = type("Clips", (), {"get_next": lambda self: next(feeds, None)})()
-        activations = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
-        quantize_static(named, path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=recipe.reduce_range, activation_type=activations,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes(named, recipe))
+        _quantize_static(named, path, reader, recipe)
     return path
+
+
+def _quantize_static(named: str, path: str, reader, recipe: Recipe) -> None:
+    """onnxruntime's static QDQ quantization of the float model at `named` (its nodes named) into
+    `path`: int8 weights per output channel, the recipe's activations, its float ops left float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    activations = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
+    quantize_static(named, path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=recipe.reduce_range, activation_type=activations,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes(named, recipe))
 
 
 def _input_values(path: str) -> list:
