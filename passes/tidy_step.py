@@ -15,12 +15,16 @@ Tracing leaves ops that compute nothing new:
 - chains of views that leave a contiguous value's elements in order (reshape, transpose of a
   size-1 axis, reshape again: attention's heads at one token), which are one view;
 - a unary elementwise op between a permute and its inverse (a channels-last product's output
-  put back), which runs on the unpermuted value instead.
+  put back), which runs on the unpermuted value instead;
+- several matrix products of one input with constant weights (an attention layer's query, key
+  and value projections of the new frame), which are one product with the weights stacked,
+  each reading its slice of the result.
 
 Invariant left behind: no op reads only constants or sizes; no view op keeps its input's shape
 from offset 0; no identity arithmetic whose input and result are safe to alias; no two pure ops
 with the same target and inputs; no chain of two or more views that one `view` of its base can
-replace; no `permute(f(permute(x, p)), p^-1)` for a unary elementwise f. Values, and which
+replace; no `permute(f(permute(x, p)), p^-1)` for a unary elementwise f; no two `linear`s of
+one input with constant weights of the same dtype and bias or not alike. Values, and which
 values alias which, are unchanged: a replaced view has the same shape, strides and offset; an
 op is replaced by an equal value only where no in-place op writes either (`x + 0` also where
 nothing else reads x's memory).
@@ -60,9 +64,10 @@ def tidy_step(gm: fx.GraphModule) -> int:
     again removes none)."""
     before = _ops(gm)
     while _fold_constants(gm) + _drop_identities(gm) + _merge_repeats(gm) + _collapse_views(gm) \
-            + _unpermute_elementwise(gm) + _drop_dead_writes(gm):
+            + _unpermute_elementwise(gm) + _drop_dead_writes(gm) + _merge_sibling_products(gm):
         gm.graph.eliminate_dead_code()
     gm.graph.eliminate_dead_code()
+    _drop_unread_constants(gm)
     gm.graph.lint()
     gm.recompile()
     return before - _ops(gm)
@@ -316,3 +321,71 @@ def _unary_elementwise(f: fx.Node) -> bool:
     """An out-of-place elementwise op of one tensor (other arguments are numbers)."""
     return (_pure(f) and torch.Tag.pointwise in f.target.tags and isinstance(f.args[0], fx.Node)
             and len(f.all_input_nodes) == 1 and not _is_view(f))
+
+
+# -- sibling products --------------------------------------------------------------------------------
+def _merge_sibling_products(gm: fx.GraphModule) -> int:
+    """`linear(x, W_i, b_i)` for several constant W_i of one input x (and bias on all or none):
+    one `linear(x, [W_1; W_2; ...], [b_1; b_2; ...])`, each reading its columns of the result
+    (a narrow view). A step of one frame pays a dispatch per product whatever its size, and the
+    input is read once instead of once per product. Returns how many products went."""
+    groups: dict = {}
+    for n in gm.graph.nodes:
+        if n.target is aten.linear.default and n.users and not n.kwargs and isinstance(n.args[0], fx.Node):
+            w, b = n.args[1], (n.args[2] if len(n.args) > 2 else None)
+            if _constant(gm, w) is not None and _constant(gm, w).dim() == 2 and (b is None or _constant(gm, b) is not None):
+                key = (n.args[0], _constant(gm, w).shape[1], _constant(gm, w).dtype, b is None)
+                groups.setdefault(key, []).append(n)
+    merged = 0
+    for (x, _, _, no_bias), nodes in groups.items():
+        mode = getattr(x.meta.get("val"), "fake_mode", None)     # for the new nodes' values
+        if len(nodes) < 2 or mode is None:
+            continue
+        weights = [_constant(gm, n.args[1]) for n in nodes]
+        stacked = {"w": torch.cat(weights)}
+        if not no_bias:
+            stacked["b"] = torch.cat([_constant(gm, n.args[2]) for n in nodes])
+        first = nodes[0]                      # x is defined before every product: merge at the first
+        with gm.graph.inserting_before(first):
+            consts = []
+            for part, value in stacked.items():
+                name = f"_merged_{part}_{first.name}"
+                gm.register_buffer(name, value.contiguous())
+                consts.append(gm.graph.get_attr(name))
+            product = gm.graph.call_function(aten.linear.default, (x, *consts))
+            with mode:
+                product.meta = {**first.meta, "val": aten.linear.default(
+                    x.meta["val"], *[mode.from_tensor(v) for v in stacked.values()])}
+            start = 0
+            for n, w in zip(nodes, weights):
+                part = gm.graph.call_function(aten.narrow.default, (product, -1, start, w.shape[0]))
+                with mode:
+                    part.meta = {**n.meta, "val": aten.narrow.default(product.meta["val"], -1, start, w.shape[0])}
+                _reshape_views_of(n)
+                n.replace_all_uses_with(part)
+                start += w.shape[0]
+        merged += len(nodes) - 1
+    return merged
+
+
+def _constant(gm: fx.GraphModule, n) -> torch.Tensor | None:
+    """The tensor a get_attr node reads, or None."""
+    return operator.attrgetter(n.target)(gm) if isinstance(n, fx.Node) and n.op == "get_attr" else None
+
+
+def _reshape_views_of(n: fx.Node) -> None:
+    """`view`s of `n` become `reshape`s: n's value is about to be a slice of a wider result,
+    which a view cannot always split (reshape is a view wherever a view can be)."""
+    for u in n.users:
+        if u.target in (aten.view.default, aten._unsafe_view.default):
+            u.target = aten.reshape.default
+
+
+def _drop_unread_constants(gm: fx.GraphModule) -> None:
+    """Attributes of constants this pass made or replaced that no get_attr reads any more (a
+    merged product's weights), so that artifacts do not carry them twice."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    made = ("_merged_", "_folded_", "_tensor_constant", "_param_constant")
+    for name in [*gm._buffers, *gm._parameters, *vars(gm)]:
+        if name.startswith(made) and name not in read and hasattr(gm, name):
+            delattr(gm, name)

@@ -142,3 +142,43 @@ def test_tidy_keeps_what_an_in_place_op_writes():
         for a, b in zip(gm(x_in), Writes()(x)):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(x_in, x)                      # the input was not written
+
+
+class Projections(nn.Module):
+    """An attention layer's query/key/value projections of one input, a product of that input
+    without bias, and one of another input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 2)
+        self.plain, self.other = nn.Linear(6, 3, bias=False), nn.Linear(5, 3)
+
+    def forward(self, x, y):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        heads = q.view(2, 2, 2)                  # a view of a product that becomes a slice
+        return heads.relu(), k * v.sum(-1, keepdim=True), self.plain(x), self.other(y)
+
+
+def test_products_of_one_input_become_one_product():
+    torch.manual_seed(0)
+    module = Projections().eval()
+    x, y = torch.randn(2, 6), torch.randn(2, 5)
+    with torch.no_grad():
+        gm = make_fx(module)(x, y)
+        assert _count(gm, aten.linear.default) == 0      # make_fx decomposes: trace the step's way
+    gm = make_fx(module, pre_dispatch=True)(x, y)
+    assert _count(gm, aten.linear.default) == 5
+    before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    tidy_step(gm)
+    assert _count(gm, aten.linear.default) == 3            # q, k and v are one; the others stay
+    assert tidy_step(gm) == 0
+    weights = sorted(tuple(getattr(gm, n.args[1].target).shape) for n in gm.graph.nodes
+                     if n.target is aten.linear.default)
+    assert weights == [(3, 5), (3, 6), (10, 6)]
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert len(before - read) == 6 and not any(hasattr(gm, t) for t in before - read)   # not kept twice
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = torch.randn(2, 6), torch.randn(2, 5)
+            for a, b in zip(gm(x, y), module(x, y)):
+                torch.testing.assert_close(a, b)
