@@ -34,7 +34,7 @@ import torch
 from torch import fx
 
 from cocompile.errors import CompileError
-from cocompile.ops.conv_forms import (FORM_META, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows,
+from cocompile.ops.conv_forms import (FORM_META, ROWS_FORMS, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows,
                                       forced_form, from_rows, partial, partial_rows, prepare, rows_step,
                                       time_pointwise, to_rows)
 from cocompile.ops.delay import delay_frames
@@ -49,14 +49,15 @@ REPEATS, BUDGET_S = 3, 0.03        # timed runs per form: up to 3, stopping afte
 BATCH_ENV = "COCOMPILE_FORM_BATCH"   # streams per step the forms are measured at (default 1)
 OVERLAP = ConvForm("overlap", None, "only")   # a transposed conv's step (ops/upsample.py)
 STEP_VERSION = 2                   # of the forms' step code: cached times of older code are stale
+ROWS_SLACK = 1.15                  # channels-last forms everywhere when within 15% (see _rows_pay)
 
 
 def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
     """Record a form on every temporal convolution; returns {node name: ConvForm}."""
-    force, chosen = forced_form(), {}
+    force, chosen, measured = forced_form(), {}, {}
     for node in gm.graph.nodes:
         if _upsamples(node):              # one form: overlap-add (a channels-first conv, not rows)
-            chosen[node.name] = node.meta[FORM_META] = OVERLAP
+            chosen[node.name] = OVERLAP
             continue
         site = _site(node, step_frames)
         if site is None:
@@ -65,14 +66,40 @@ def choose_forms(gm: fx.GraphModule, consts: dict, step_frames: int) -> dict:
         if site.geometry.kernel == 1 and len(forms) == 1:   # one tap, no matrix product: as captured
             continue
         if force is not None:
-            name, how, ms = fallback(force, site.geometry), "forced", {}
+            chosen[node.name] = (site, fallback(force, site.geometry), "forced", {})
         elif len(forms) == 1:
-            name, how, ms = "window", "only", {}
+            chosen[node.name] = (site, "window", "only", {})
         else:
             ms, how = _measure(site, forms, consts)
-            name = min(ms, key=ms.get)
-        chosen[node.name] = node.meta[FORM_META] = ConvForm(name, _store(gm, consts, site, name), how, ms)
+            measured[node.name] = ms
+            chosen[node.name] = (site, min(ms, key=ms.get), how, ms)
+    if measured and _rows_pay(chosen, measured):
+        for name, ms in measured.items():
+            site, _, how, _ = chosen[name]
+            chosen[name] = (site, min((f for f in ms if f in ROWS_FORMS + ("mm",)), key=ms.get), how, ms)
+    for node in gm.graph.nodes:
+        if node.name in chosen:
+            entry = chosen[node.name]
+            if entry is not OVERLAP:
+                site, name, how, ms = entry
+                entry = ConvForm(name, _store(gm, consts, site, name), how, ms)
+            chosen[node.name] = node.meta[FORM_META] = entry
     return chosen
+
+
+def _rows_pay(chosen: dict, measured: dict) -> bool:
+    """Whether every convolution steps as a channels-last product when each may: each has such a
+    form, and their measured times add up to at most ROWS_SLACK times those of the fastest forms.
+    Each form is timed alone, from and to its own layout; a step whose convs all keep rows has no
+    transposing copy between them (conv_forms.rows_step), which no single measurement sees."""
+    rows = ROWS_FORMS + ("mm",)
+    if any(e is OVERLAP or name not in measured for name, e in chosen.items()):
+        return False
+    if not all(any(f in rows for f in ms) for ms in measured.values()):
+        return False
+    best = sum(min(ms.values()) for ms in measured.values())
+    as_rows = sum(min(v for f, v in ms.items() if f in rows) for ms in measured.values())
+    return as_rows <= ROWS_SLACK * best
 
 
 def rows_delays(gm: fx.GraphModule, chosen: dict) -> int:

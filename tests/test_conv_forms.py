@@ -19,7 +19,7 @@ from torch import nn
 
 import cocompile
 from archs import architectures, model_and_clip
-from cocompile.ops.conv_forms import (FORCE_ENV, FORM_META, FORMS, ConvGeometry, channels_first_mm, fold, fold_rows,
+from cocompile.ops.conv_forms import (FORCE_ENV, FORM_META, FORMS, ROWS_FORMS, ConvGeometry, channels_first_mm, fold, fold_rows,
                                      from_rows, partial, partial_rows, prepare, time_pointwise, to_rows)
 from cocompile.ops.linalg import einsum_by_batched_matmul, einsum_by_matmul
 from cocompile.passes.choose_forms import cache_dir
@@ -227,10 +227,12 @@ def test_forms_are_measured_cached_and_reported(monkeypatch, tmp_path):
     entries = sorted(os.listdir(cache_dir()))
     assert len(entries) == sum(len(f.ms) for f in first.values()) > 0
     assert all(json.load(open(os.path.join(cache_dir(), e)))["ms"] > 0 for e in entries)
+    rows = all(f.name in ROWS_FORMS + ("mm",) for f in first.values())
     for f in first.values():
         assert f.how in ("measured", "only")
-        if f.ms:                                    # the fastest measured form is the one used
-            assert "window" in f.ms and f.name == min(f.ms, key=f.ms.get)
+        if f.ms:      # the fastest measured form is the one used (the fastest rows form in a rows step)
+            mine = {k: v for k, v in f.ms.items() if not rows or k in ROWS_FORMS + ("mm",)}
+            assert "window" in f.ms and f.name == min(mine, key=mine.get)
     co = cocompile.compile(model, clip, time_dim=2, trace=False)
     again = conv_forms_of(co)
     assert {k: (f.name, f.ms) for k, f in again.items()} == {k: (f.name, f.ms) for k, f in first.items()}
@@ -239,6 +241,37 @@ def test_forms_are_measured_cached_and_reported(monkeypatch, tmp_path):
     assert "form" in table.splitlines()[0]
     for f in again.values():
         assert f.name in table
+
+
+class Dilated(nn.Module):
+    """Two causal dilated conv1d: each may step as a channels-last product (fold-mm) or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(4, 8, 3, dilation=2), nn.Conv1d(8, 8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(nn.functional.pad(x, (4, 0)))))
+
+
+@pytest.mark.parametrize("slower, rows", [(1.1, True), (1.5, False)])
+def test_channels_last_forms_everywhere_when_they_cost_little_more(monkeypatch, slower, rows):
+    """Measured alone, conv a is fastest as `fold` and b as `fold-mm`; when a's fold-mm costs
+    little more (x1.1: the sum is within ROWS_SLACK), both step as fold-mm (no layout change
+    between them); at x1.5 each keeps its fastest form. Exact either way."""
+    from cocompile.passes import choose_forms as cf
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    times = {"a": {"window": 3.0, "fold": 1.0, "fold-mm": slower, "partial": 3.0, "partial-mm": 3.0},
+             "b": {"window": 3.0, "fold": 1.2, "fold-mm": 1.0, "partial": 3.0, "partial-mm": 3.0}}
+    seen = iter("ab")
+    monkeypatch.setattr(cf, "_measure", lambda site, forms, consts: (dict(times[next(seen)]), "measured"))
+    assert (slower + 1.0 <= cf.ROWS_SLACK * (1.0 + 1.0)) == rows     # rows' sum against the best's
+    torch.manual_seed(0)
+    model, clip = Dilated().eval(), torch.randn(1, 4, 16)
+    co = cocompile.compile(model, clip, time_dim=2)
+    names = [f.name for f in conv_forms_of(co).values()]
+    assert names == (["fold-mm", "fold-mm"] if rows else ["fold", "fold-mm"])
+    assert cocompile.verify(model, co, torch.randn(2, 4, 16)).passed
 
 
 def test_forms_measured_at_a_batch_are_cached_apart_and_exact(monkeypatch, tmp_path):
