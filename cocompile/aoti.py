@@ -2,8 +2,14 @@
 into a shared library inside a .pt2 package (AOTInductor), which Python and C++ load.
 
 Both compile the step as a plain ATen graph with `freezing` on: the weights become constants of
-the generated code, folded into what they multiply and prepacked for the CPU's matrix kernels, so
-a small step pays for its arithmetic and little else. Both compute `co.step` (E4's bound).
+the generated code, folded into what they multiply, so a small step pays for its arithmetic and
+little else. Weight prepacking (oneDNN's blocked layouts, one switch for linear and conv) is on
+only for a step that convolves: a step of matrix products alone (TCN, Transformer, ST-GCN) has a
+few rows per stream, where oneDNN's prepacked linear is slower than the plain GEMM at every row
+count measured (1 row: 51 against 15 us for 384x128 on this project's development CPU, AMD EPYC,
+AVX2), while the X3D-M step, mostly convolutions, is faster prepacked (57.7 against 63.8 ms).
+The offline model is compiled with Inductor's defaults and freezing. Both compute `co.step`
+(E4's bound).
 
     co.compiled()                  torch.compile of the traced step, one compile per batch size
     co.export("co.aoti.pt2")       torch._inductor.aoti_compile_and_package of the exported step
@@ -30,10 +36,13 @@ from torch.utils import _pytree as pytree
 
 from . import metadata as md
 from .errors import CompileError, first_line
+from .passes.tidy_step import tidy_step
 from .step import TracedStep
 
-# weights as constants of the code: folded and prepacked (Inductor applies it to inference graphs)
+# weights as constants of the code, folded (Inductor applies it to inference graphs)
 OPTIONS = {"freezing": True}
+CLIP_OPTIONS = {"freezing": True}          # the offline model: Inductor's defaults
+PREPACK = "cpp.weight_prepack"             # on where the step convolves (see step_options)
 INPUTS_KEY, STATES_KEY = "cocompile.inputs", "cocompile.states"
 PACKAGE_MARK = "data/aotinductor/"          # where a package keeps its compiled model
 
@@ -52,10 +61,17 @@ class ContiguousOutputs(torch.nn.Module):
         return tuple(t.contiguous() for t in self.fn(*args))
 
 
-def inductor_options(mode: str = "default") -> dict:
-    """The Inductor options of `mode` (torch.compile's modes) with freezing on: what the compiled
-    step, the compiled clip it is measured against, and the package are built with."""
-    return {**torch._inductor.list_mode_options(mode), **OPTIONS}
+def inductor_options(mode: str = "default", clip: bool = False) -> dict:
+    """The Inductor options of `mode` (torch.compile's modes) with the step's OPTIONS (the
+    package's too), or with CLIP_OPTIONS for the offline model it is measured against."""
+    return {**torch._inductor.list_mode_options(mode), **(CLIP_OPTIONS if clip else OPTIONS)}
+
+
+def step_options(options: dict, graph: torch.fx.Graph) -> dict:
+    """`options` with weight prepacking on where the step graph convolves, off where its
+    products are matrix products alone (see the module docstring)."""
+    convolves = any(n.op == "call_function" and "convolution" in str(n.target) for n in graph.nodes)
+    return {**options, PREPACK: convolves}
 
 
 # -- just in time ----------------------------------------------------------------------------------
@@ -95,8 +111,10 @@ class InductorStep:
             contiguous_outputs(graph)
         else:                                   # not traceable: the interpreter, wrapped
             graph = ContiguousOutputs(graph)
+        options = step_options(self.options, graph.graph) if isinstance(graph, torch.fx.GraphModule) \
+            else self.options
         # the graph's own code: dynamo keys its cache by code object, so graphs never share one
-        return torch.compile(graph, dynamic=False, fullgraph=True, options=self.options)
+        return torch.compile(graph, dynamic=False, fullgraph=True, options=options)
 
 
 def contiguous_outputs(gm: torch.fx.GraphModule) -> None:
@@ -128,9 +146,9 @@ def compiled_step(co, mode: str = "default") -> InductorStep:
 
 
 def compiled_clip(model: torch.nn.Module, mode: str = "default"):
-    """The offline model compiled the way the step is (same options, static shapes): the clip
-    that `co.compiled(mode)` is measured against."""
-    return torch.compile(model, dynamic=False, options=inductor_options(mode))
+    """The offline model compiled by torch.compile in `mode`, static shapes, Inductor's defaults
+    and freezing: the clip that `co.compiled(mode)` is measured against."""
+    return torch.compile(model, dynamic=False, options=inductor_options(mode, clip=True))
 
 
 # -- ahead of time ---------------------------------------------------------------------------------
@@ -139,11 +157,11 @@ def write_aoti(co, path: str) -> None:
     with AOTInductor; the metadata in the package's metadata."""
     from .export import export_program
 
-    configs = {**OPTIONS, "aot_inductor.metadata": package_metadata(co)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = contiguous_program(co, export_program(co))
+            configs = {**step_options(OPTIONS, program.graph), "aot_inductor.metadata": package_metadata(co)}
             torch._inductor.aoti_compile_and_package(program, package_path=path,
                                                      inductor_configs=configs)
         except Exception as err:  # noqa: BLE001 - Inductor and the C++ compiler fail in many ways
@@ -152,14 +170,18 @@ def write_aoti(co, path: str) -> None:
 
 
 def contiguous_program(co, ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The exported step again, its outputs contiguous (see ContiguousOutputs), the batch axis
-    dynamic as in `ep` (unless the model pinned it)."""
+    """The exported step again, tidied as the traced step is (passes/tidy_step.py: Inductor
+    folds constants and merges repeats itself, but not products of one input), its outputs
+    contiguous (see ContiguousOutputs), the batch axis dynamic as in `ep` (unless the model
+    pinned it)."""
     from .export import arg_batch_dims
 
     args, _ = ep.example_inputs
     batch = Dim("batch")
     dynamic = None if md.compiled_batch(co) else (tuple({b: batch} for b in arg_batch_dims(co)),)
-    return torch.export.export(ContiguousOutputs(ep.module()), args, dynamic_shapes=dynamic)
+    module = ep.module()
+    tidy_step(module)
+    return torch.export.export(ContiguousOutputs(module), args, dynamic_shapes=dynamic)
 
 
 def package_metadata(co) -> dict[str, str]:
@@ -197,5 +219,26 @@ def load_package(path: str):
         raise ValueError(f"{path} has no cocompile metadata: not written by cocompile")
     # the package reads every input as contiguous (see ContiguousOutputs): a chunk sliced from
     # a clip is not, so it is copied first
-    return json.loads(text), lambda *args: tuple(model(*(t.contiguous() for t in args)))
+    run = runner(model)
+    return json.loads(text), lambda *args: tuple(run([t.contiguous() for t in args]))
+
+
+def runner(model):
+    """`run(list of tensors) -> list of tensors` of a loaded package: its loader's own call (what
+    the C++ runner makes, AOTIModelPackageLoader::run), without the Python wrapper's per-call
+    flattening and checking of the arguments' structure (about 60 us a call with a dozen state
+    tensors on this project's development CPU: more than a small step's arithmetic)."""
+    loader = getattr(model, "loader", None)
+    if loader is None or not hasattr(loader, "run"):     # another torch: through the wrapper
+        return lambda args: list(model(*args))
+    return loader.run
+
+
+def package_clip(model: torch.nn.Module, args: tuple, path: str) -> None:
+    """The offline model compiled into a package with Inductor's defaults and freezing, the clip
+    that the step's package is measured against (cocompile.bench)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, args)
+        torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=CLIP_OPTIONS)
 

@@ -11,6 +11,8 @@ says what streaming saves and not what the runtime adds:
                   onnxruntime, with the step session's options      cocompile.runtime.Session
     compiled      torch.compile(model) with freezing, static        co.compiled(): the traced step
                   shapes (cocompile.aoti.compiled_clip)             compiled the same way
+    AOTInductor   the model exported and compiled into a package    co.export("step.aoti.pt2"), both
+                  (Inductor defaults, freezing)                     called through the package loader
 
 A runtime is one `Runtime` entry in RUNTIMES; the tables of `cocompile bench` and
 examples/speed.py take their columns from it. Where the offline model does not export to a
@@ -173,11 +175,31 @@ def _compiled_step(co, path, threads) -> StepForm:
     return StepForm(lambda x, s: step.step(x, s)[1], co.initial_state)
 
 
+def _aoti_clip(model, clip, folder, threads, co):
+    from .aoti import package_clip, runner
+
+    path = os.path.join(folder, "clip.aoti.pt2")
+    try:
+        package_clip(model, _args(co, clip), path)
+    except Exception as err:  # noqa: BLE001 - export, Inductor and the C++ compiler fail in many ways
+        raise Unavailable(f"AOTInductor fails on the offline model: {_first_line(err)}") from None
+    run, args = runner(torch._inductor.aoti_load_package(path)), [t.contiguous() for t in co.inputs.leaves(clip)]
+    return lambda: run(args)
+
+
+def _aoti_step(co, path, threads) -> StepForm:
+    from .loading import load_artifact
+
+    run, n = load_artifact(path).run, len(co.out_infos)
+    return StepForm(lambda xs, s: run(*xs, *s)[n:], co.initial_state, co.inputs.leaves)
+
+
 RUNTIMES = {r.name: r for r in (
     Runtime("eager", None, _eager_clip, _eager_step),
     Runtime("TorchScript", ".pt", _torchscript_clip, _torchscript_step),
     Runtime("onnxruntime", ".onnx", _onnx_clip, _onnx_step),
     Runtime("compiled", None, _compiled_clip, _compiled_step),
+    Runtime("AOTInductor", ".aoti.pt2", _aoti_clip, _aoti_step),
 )}
 
 
