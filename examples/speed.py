@@ -1,4 +1,4 @@
-"""Step latency of every example against re-running its clip, in each runtime: eager, TorchScript, onnxruntime.
+"""Step latency of every example against re-running its clip, in each runtime.
 
     python examples/speed.py [--size small|full] [--only x3d,tcn] [--rounds N] [--stream N] [--plot FILE.png]
                              [--together] [--runtimes eager,onnxruntime]
@@ -7,8 +7,11 @@ Two tables from one run, one thread, batch 1. Each step form is compared with th
 the same way (cocompile.bench): the eager `co.step` with `model(clip)`, the TorchScript artifact
 `co.export("x.pt")` with the model traced by `torch.jit.trace`, the ONNX artifact in
 `cocompile.runtime.Session(path, threads=1)` with the model exported by
-`torch.onnx.export(model, clip, dynamo=True)` and run in onnxruntime with the same session options.
-A runtime that cannot export the offline model shows why instead of a number.
+`torch.onnx.export(model, clip, dynamo=True)` and run in onnxruntime with the same session options,
+`co.compiled()` with `torch.compile(model)` (Inductor, freezing), and the AOTInductor package
+`co.export("x.aoti.pt2")` with the offline model compiled into a package of its own (each called
+through its package loader, as the C++ runner calls it). A runtime that cannot export the offline model shows
+why instead of a number.
 
 A third table puts each step beside its physical limit, the roofline bound of
 `cocompile.bench.roofline`: max(step FLOPs / peak FLOP/s, (weights read + 2 x state) / bandwidth),
