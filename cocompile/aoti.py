@@ -170,10 +170,11 @@ def write_aoti(co, path: str) -> None:
 
 
 def contiguous_program(co, ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The exported step again, tidied as the traced step is (passes/tidy_step.py: Inductor
-    folds constants and merges repeats itself, but not products of one input), its outputs
-    contiguous (see ContiguousOutputs), the batch axis dynamic as in `ep` (unless the model
-    pinned it)."""
+    """The exported step again, tidied as the traced step is (passes/tidy_step.py: Inductor and
+    onnxruntime fold constants and merge repeats themselves, but neither merges the products of
+    one input), its outputs contiguous (see ContiguousOutputs; in ONNX every value is), the batch
+    axis dynamic as in `ep` (unless the model pinned it). The package and the ONNX step are
+    written from it."""
     from .export import arg_batch_dims
 
     args, _ = ep.example_inputs

@@ -135,9 +135,11 @@ def write_onnx(co, path: str) -> None:
     """ONNX via torch's dynamo exporter, then names, cleanup and metadata (see `finish_onnx`)."""
     import onnx
 
+    from .aoti import contiguous_program
+
     co.program.portable = onnx_portable(co)
     try:
-        ep = export_program(co)
+        ep = contiguous_program(co, export_program(co))
     finally:
         co.program.portable = False
     with _quiet():
