@@ -12,7 +12,9 @@ assign_states, because the form decides the state's shape.
 The fastest form depends on the op's shapes and on the machine, so each applicable form is timed
 on the op's real step shapes (one thread, a few repetitions, best of them) and the result is cached
 on disk ($XDG_CACHE_HOME/cocompile/conv_forms, keyed by op, shapes, batch, dtype, torch version
-and form). COCOMPILE_CONV_FORM=window|fold|fold-mm|partial|partial-mm forces a form wherever it applies
+and form). Where every conv has a channels-last product form and those forms' times add up to
+within 15% of the fastest forms' (the TCN's dilated convs), every conv takes one: the step then
+has no transposing copy between layers, which timing each conv alone does not see. COCOMPILE_CONV_FORM=window|fold|fold-mm|partial|partial-mm forces a form wherever it applies
 (else its conv flavour, else window).
 
 The shapes are those of a step of one stream unless COCOMPILE_FORM_BATCH=N asks for N streams:
@@ -34,9 +36,9 @@ import torch
 from torch import fx
 
 from cocompile.errors import CompileError
-from cocompile.ops.conv_forms import (FORM_META, ROWS_FORMS, ROWS_META, ConvForm, applicable, fallback, fold, fold_rows,
-                                      forced_form, from_rows, partial, partial_rows, prepare, rows_step,
-                                      time_pointwise, to_rows)
+from cocompile.ops.conv_forms import (FORM_META, ROWS_FORMS, ROWS_META, ConvForm, applicable, fallback, fold,
+                                      fold_rows, forced_form, from_rows, partial, partial_rows, prepare,
+                                      rows_step, time_pointwise, to_rows)
 from cocompile.ops.delay import delay_frames
 from cocompile.ops.frames import meta_shape
 from cocompile.ops.registry import rule_for
