@@ -10,8 +10,8 @@ the same way (cocompile.bench): the eager `co.step` with `model(clip)`, the Torc
 `torch.onnx.export(model, clip, dynamo=True)` and run in onnxruntime with the same session options,
 `co.compiled()` with `torch.compile(model)` (Inductor, freezing), and the AOTInductor package
 `co.export("x.aoti.pt2")` with the offline model compiled into a package of its own (each called
-through its package loader, as the C++ runner calls it). A runtime that cannot export the offline model shows
-why instead of a number.
+through its package loader, as the C++ runner calls it). A runtime that cannot export the offline
+model shows why instead of a number.
 
 A third table puts each step beside its physical limit, the roofline bound of
 `cocompile.bench.roofline`: max(step FLOPs / peak FLOP/s, (weights read + 2 x state) / bandwidth),
@@ -39,7 +39,8 @@ process: what a runtime measures then does not depend on which examples and runt
 process compiled, loaded and timed beside it (their weights and buffers in the caches, their
 allocators and thread pools). Measured on the development CPU: the audio Transformer's AOTInductor
 step took 0.49 ms in a process of its own and 0.94-1.18 ms timed beside the four other runtimes,
-its clip 9.1 and 9.5-12.5 ms. `--in-process` measures every example and runtime in this process instead;
+its clip 9.1 and 9.5-12.5 ms. `--in-process` measures every example and runtime in this process
+instead;
 `--together` does too, and interleaves the examples as well: every round times every example's
 clips and steps, so that the ratio of two examples' steps (the per-subset ST-GCN against the
 stride-1 one) is taken under the same load.
@@ -255,7 +256,9 @@ def plot(rows: list[Row], path: str) -> bool:
 def _where(args) -> str:
     if args.together:
         return "all examples in one process, interleaved"
-    return "all examples in one process" if args.in_process else "each example in each runtime in a process of its own"
+    if args.in_process:
+        return "all examples in one process"
+    return "each example in each runtime in a process of its own"
 
 
 def log(text: str) -> None:
