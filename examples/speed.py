@@ -40,9 +40,8 @@ process compiled, loaded and timed beside it (their weights and buffers in the c
 allocators and thread pools). Measured on the development CPU: the audio Transformer's AOTInductor
 step took 0.49 ms in a process of its own and 0.94-1.18 ms timed beside the four other runtimes,
 its clip 9.1 and 9.5-12.5 ms. `--in-process` measures every example and runtime in this process
-instead;
-`--together` does too, and interleaves the examples as well: every round times every example's
-clips and steps, so that the ratio of two examples' steps (the per-subset ST-GCN against the
+instead; `--together` does too, and interleaves the examples as well: every round times every
+example's clips and steps, so that the ratio of two examples' steps (the per-subset ST-GCN against the
 stride-1 one) is taken under the same load.
 """
 from __future__ import annotations
