@@ -119,7 +119,9 @@ def _torchscript_clip(model, clip, folder, threads, co):
     return lambda: module(*args)
 
 
-def _torchscript_step(co, path, threads) -> StepForm:
+def _artifact_step(co, path, threads) -> StepForm:
+    """The step artifact at `path` as `cocompile.loading.load_artifact` runs it (TorchScript,
+    AOTInductor package)."""
     from .loading import load_artifact
 
     run, n = load_artifact(path).run, len(co.out_infos)
@@ -187,19 +189,12 @@ def _aoti_clip(model, clip, folder, threads, co):
     return lambda: run(args)
 
 
-def _aoti_step(co, path, threads) -> StepForm:
-    from .loading import load_artifact
-
-    run, n = load_artifact(path).run, len(co.out_infos)
-    return StepForm(lambda xs, s: run(*xs, *s)[n:], co.initial_state, co.inputs.leaves)
-
-
 RUNTIMES = {r.name: r for r in (
     Runtime("eager", None, _eager_clip, _eager_step),
-    Runtime("TorchScript", ".pt", _torchscript_clip, _torchscript_step),
+    Runtime("TorchScript", ".pt", _torchscript_clip, _artifact_step),
     Runtime("onnxruntime", ".onnx", _onnx_clip, _onnx_step),
     Runtime("compiled", None, _compiled_clip, _compiled_step),
-    Runtime("AOTInductor", ".aoti.pt2", _aoti_clip, _aoti_step),
+    Runtime("AOTInductor", ".aoti.pt2", _aoti_clip, _artifact_step),
 )}
 
 

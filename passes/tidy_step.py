@@ -90,7 +90,7 @@ def _fold_constants(gm: fx.GraphModule) -> int:
     values, folded, written = {}, 0, _written(gm)
     for n in list(gm.graph.nodes):
         if n.op == "get_attr":
-            values[n] = operator.attrgetter(n.target)(gm)
+            values[n] = _constant(gm, n)
             continue
         if not _pure(n) or not n.users or _root(n) in written:    # (a buffer must not be written)
             continue
@@ -331,11 +331,11 @@ def _merge_sibling_products(gm: fx.GraphModule) -> int:
     input is read once instead of once per product. Returns how many products went."""
     groups: dict = {}
     for n in gm.graph.nodes:
-        if n.target is aten.linear.default and n.users and not n.kwargs and isinstance(n.args[0], fx.Node):
-            w, b = n.args[1], (n.args[2] if len(n.args) > 2 else None)
-            if _constant(gm, w) is not None and _constant(gm, w).dim() == 2 and (b is None or _constant(gm, b) is not None):
-                key = (n.args[0], _constant(gm, w).shape[1], _constant(gm, w).dtype, b is None)
-                groups.setdefault(key, []).append(n)
+        if n.target is not aten.linear.default or not n.users or n.kwargs or not isinstance(n.args[0], fx.Node):
+            continue
+        w, b = _constant(gm, n.args[1]), (n.args[2] if len(n.args) > 2 else None)
+        if w is not None and w.dim() == 2 and (b is None or _constant(gm, b) is not None):
+            groups.setdefault((n.args[0], w.shape[1], w.dtype, b is None), []).append(n)
     merged = 0
     for (x, _, _, no_bias), nodes in groups.items():
         mode = getattr(x.meta.get("val"), "fake_mode", None)     # for the new nodes' values
